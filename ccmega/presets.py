@@ -124,3 +124,49 @@ class FinetuneHParams:
 
 PRETRAIN_HPARAMS = PretrainHParams()
 FINETUNE_HPARAMS = FinetuneHParams()
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset recipes (paper §3.2, Appendix A, §4.6)
+# ---------------------------------------------------------------------------------------------
+PILE_CC, ARXIV, GITHUB, DM_MATHEMATICS = "Pile-CC", "ArXiv", "Github", "DM Mathematics"
+PILE_SUBSETS = (PILE_CC, ARXIV, GITHUB, DM_MATHEMATICS)  # exact `meta.pile_set_name` values
+SPECIALIZED_MIX = {ARXIV: 2, GITHUB: 2, DM_MATHEMATICS: 1}  # ArXiv : Github : DM Mathematics
+
+
+@dataclass(frozen=True)
+class DatasetRecipe:
+    """A pretraining corpus: token shares per Pile subset, or the synthetic random-text corpus."""
+
+    name: str
+    alpha: float | None  # share of the specialised mixture; None for the random-text corpus
+    description: str
+
+    @property
+    def is_random_text(self) -> bool:
+        return self.alpha is None
+
+    def shares(self) -> dict[str, float]:
+        """Token share of each Pile subset: (1 - alpha) Pile-CC + alpha (ArXiv : Github : DM = 2 : 2 : 1)."""
+        if self.alpha is None:
+            return {}
+        weight = sum(SPECIALIZED_MIX.values())
+        shares = {PILE_CC: 1.0 - self.alpha}
+        shares.update({name: self.alpha * w / weight for name, w in SPECIALIZED_MIX.items()})
+        return {name: share for name, share in shares.items() if share > 0}
+
+
+DATASET_RECIPES: dict[str, DatasetRecipe] = {
+    r.name: r
+    for r in [DatasetRecipe("D1", 0.0, "100% Pile-CC")]
+    + [DatasetRecipe(f"D{k + 1}", k / 6, f"{6 - k}/6 Pile-CC + {k}/6 (ArXiv:Github:DM Mathematics = 2:2:1)")
+       for k in range(1, 6)]
+    + [DatasetRecipe("random", None, "random upper/lowercase letters and punctuation (paper §4.6)")]
+}
+
+
+def dataset_recipe(name: str) -> DatasetRecipe:
+    try:
+        return DATASET_RECIPES[name]
+    except KeyError:
+        raise KeyError(f"unknown dataset recipe {name!r}; choose from: {', '.join(DATASET_RECIPES)}") from None
