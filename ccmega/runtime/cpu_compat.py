@@ -44,7 +44,12 @@ class _CudaToCpu(TorchFunctionMode):
 
 
 class _NullStream:
+    """Stands in for torch.cuda streams: CPU work is synchronous, so waiting is a no-op."""
+
     def wait_stream(self, *_):
+        pass
+
+    def wait_event(self, *_):  # 0.19: finish_grad_sync waits on CUDA-graph events
         pass
 
     def synchronize(self):

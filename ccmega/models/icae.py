@@ -1,0 +1,110 @@
+"""ICAE context compressor over two megatron-core GPTModels (Ge et al. 2024; the paper's Fig. 2).
+
+    encoder input   [e(c_1) .. e(c_L), m_1 .. m_k]          (k learnable memory embeddings appended)
+    memory vectors  encoder final-norm hidden states at the k memory positions
+    decoder input   [W m'_1 + b .. W m'_k + b, e([AE]), e(c_1) .. e(c_L)]
+    targets         c_1 .. c_L, <end>  predicted from [AE], c_1 .. c_L  (teacher forcing)
+
+Trainable: the encoder, the memory and [AE] embeddings, the linear projector W, b. The decoder is
+frozen: no gradients, outside DDP buckets and the optimizer, always in eval mode, and left out of
+the ICAE checkpoint (which records the decoder checkpoint it was trained against instead).
+Both backbones are sharded over the same tensor-parallel group; the small ICAE parameters are
+replicated across it. Pipeline parallelism is not supported.
+"""
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.transformer.module import MegatronModule
+
+
+def _replicated_init(shape, std: float, seed: int) -> torch.Tensor:
+    # The same values on every rank whatever the layout: a private generator, not the global one.
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * std
+
+
+class ICAEModel(MegatronModule):
+    def __init__(self, encoder, decoder, num_memory_slots: int, end_token_id: int, real_vocab_size: int,
+                 init_std: float = 0.02, seed: int = 1234):
+        super().__init__(config=encoder.config)
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            raise ValueError("ICAE does not support pipeline parallelism (PP > 1); use TP and DP")
+        self.encoder, self.decoder = encoder, decoder
+        self.num_memory_slots, self.end_token_id, self.real_vocab_size = num_memory_slots, end_token_id, real_vocab_size
+        enc_h, dec_h = encoder.config.hidden_size, decoder.config.hidden_size
+        self.memory_embeddings = torch.nn.Parameter(_replicated_init((num_memory_slots, enc_h), init_std, seed))
+        self.ae_embedding = torch.nn.Parameter(_replicated_init((dec_h,), init_std, seed + 1))
+        self.projector = torch.nn.Linear(enc_h, dec_h)
+        with torch.no_grad():
+            self.projector.weight.copy_(_replicated_init((dec_h, enc_h), enc_h ** -0.5, seed + 2))
+            self.projector.bias.zero_()
+        decoder.requires_grad_(False)
+        decoder.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.decoder.eval()  # frozen: dropout stays off
+        return self
+
+    # ---- the two halves ------------------------------------------------------------------------------
+    def compress(self, context: torch.Tensor) -> torch.Tensor:
+        """context [b, L] token ids -> memory vectors [k, b, encoder hidden] (final-norm states)."""
+        enc = self.encoder
+        positions = torch.arange(context.shape[1], device=context.device).expand_as(context)
+        hidden = enc.embedding(input_ids=context, position_ids=positions)  # [L, b, h]
+        memory = self.memory_embeddings[:, None, :].expand(-1, context.shape[0], -1).to(hidden.dtype)
+        hidden = torch.cat([hidden, memory], dim=0)
+        out = enc.decoder(hidden_states=hidden, attention_mask=None,
+                          rotary_pos_emb=enc.rotary_pos_emb(hidden.shape[0]))
+        return out[-self.num_memory_slots:]
+
+    def decoder_prefix(self, memory: torch.Tensor) -> torch.Tensor:
+        """[projected memory, e([AE])]: [k + 1, b, decoder hidden], what generation starts from."""
+        projected = self.projector(memory)
+        ae = self.ae_embedding[None, None, :].expand(1, memory.shape[1], -1).to(projected.dtype)
+        return torch.cat([projected, ae], dim=0)
+
+    def decoder_logits(self, decoder_input: torch.Tensor) -> torch.Tensor:
+        """Decoder input embeddings [s, b, h] -> vocab-parallel logits [b, s, V / TP]."""
+        return self.decoder(input_ids=None, position_ids=None, attention_mask=None, decoder_input=decoder_input)
+
+    def forward(self, context: torch.Tensor):
+        """Teacher-forced reconstruction. Returns (per-token loss [b, L + 1], correct [b, L + 1])."""
+        k = self.num_memory_slots
+        prefix = self.decoder_prefix(self.compress(context))
+        positions = torch.arange(context.shape[1], device=context.device).expand_as(context)
+        tokens = self.decoder.embedding(input_ids=context, position_ids=positions)
+        logits = self.decoder_logits(torch.cat([prefix, tokens], dim=0))[:, k:]  # from [AE] onwards
+        end = torch.full_like(context[:, :1], self.end_token_id)
+        targets = torch.cat([context, end], dim=1)
+        loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float().contiguous(), targets)
+        with torch.no_grad():
+            correct = vocab_parallel_argmax(logits, self.real_vocab_size) == targets
+        return loss, correct
+
+    # ---- checkpointing: the trainable parts only ----------------------------------------------------------
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        full = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        return {key: value for key, value in full.items() if not key.startswith(f"{prefix}decoder.")}
+
+
+def vocab_parallel_argmax(logits: torch.Tensor, real_vocab_size: int) -> torch.Tensor:
+    """Argmax over a vocabulary sharded across TP ranks, ignoring the padding rows."""
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    shard = logits.shape[-1]
+    start = rank * shard
+    logits = logits.detach().float()
+    if start + shard > real_vocab_size:
+        logits = logits.clone()
+        logits[..., max(real_vocab_size - start, 0):] = float("-inf")
+    values, index = logits.max(dim=-1)
+    world = parallel_state.get_tensor_model_parallel_world_size()
+    if world == 1:
+        return index
+    group = parallel_state.get_tensor_model_parallel_group()
+    all_values = [torch.empty_like(values) for _ in range(world)]
+    all_index = [torch.empty_like(index) for _ in range(world)]
+    torch.distributed.all_gather(all_values, values.contiguous(), group=group)
+    torch.distributed.all_gather(all_index, (index + start).contiguous(), group=group)
+    best = torch.stack(all_values).argmax(dim=0, keepdim=True)
+    return torch.stack(all_index).gather(0, best)[0]
