@@ -45,12 +45,16 @@ export DEBIAN_FRONTEND=noninteractive
 # Only refresh the package lists when apt does not know the packages yet (or the install fails).
 if ! apt-cache show slurmctld >/dev/null 2>&1; then
     echo "slurm-install: apt-get update"
-    "${sudo[@]}" apt-get update -qq || echo "slurm-install: apt-get update failed"
+    "${sudo[@]}" apt-get update -qq -o DPkg::Lock::Timeout=300 || echo "slurm-install: apt-get update failed"
 fi
-install() { "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${packages[@]}" >/tmp/slurm-install.log 2>&1; }
+# wait for a concurrent apt/dpkg run rather than failing on its lock
+install() {
+    "${sudo[@]}" apt-get install -y -qq --no-install-recommends -o DPkg::Lock::Timeout=300 \
+        "${packages[@]}" >/tmp/slurm-install.log 2>&1
+}
 if ! install; then
     echo "slurm-install: install failed; retrying after apt-get update"
-    "${sudo[@]}" apt-get update -qq || true
+    "${sudo[@]}" apt-get update -qq -o DPkg::Lock::Timeout=300 || true
     if ! install; then
         tail -n 20 /tmp/slurm-install.log
         echo "slurm-install: apt-get install failed; the SLURM tests will skip"

@@ -8,7 +8,9 @@ and every port is picked free, so the system's /etc/slurm and /etc/munge are nev
         rc, job_id = cluster.sbatch_wait("job.sh", env={"STEPS": "3"}, args=["--ntasks=2"])
         print(cluster.job_output(job_id))
 
-Runs as root (SlurmUser=root, munged as the munge user). One cluster per process at a time.
+Runs as root (SlurmUser=root, munged as the munge user). One cluster per process at a time: tests
+share one through the session fixture `slurm_cluster` below. The daemons are tied to the thread that
+started them (PR_SET_PDEATHSIG), so start the cluster from the main thread.
 """
 import contextlib
 import ctypes
@@ -104,6 +106,7 @@ class LocalSlurmCluster:
         self._procs = {}  # name -> Popen
         self._stdout_paths = {}  # job id -> its output file
         self.last_sbatch_stderr = ""
+        self.start_seconds = None
         self._saved_slurm_conf = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -191,7 +194,7 @@ class LocalSlurmCluster:
         full_env.update(env or {})
         cmd = [_which("sbatch"), "--wait", "--parsable", *args, os.path.abspath(script)]
         proc = subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=subprocess.PIPE, text=True, preexec_fn=_die_with_parent)
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -217,7 +220,7 @@ class LocalSlurmCluster:
         """The text of a finished job's output file (its StdOut as scontrol reported it)."""
         path = self._stdout_paths.get(job_id) or self.scontrol_show_job(job_id).get("StdOut")
         if not path:
-            raise SlurmError(f"job {job_id}: output file unknown")
+            raise SlurmError(f"job {job_id}: output file unknown (job purged; pass --output to sbatch)")
         with open(path, errors="replace") as f:
             return f.read()
 
@@ -486,6 +489,7 @@ def slurm_cluster():
     is not installed. Use it with `from slurm_cluster import slurm_cluster  # noqa: F401`."""
     reason = slurm_unavailable_reason()
     if reason:
+        print(f"slurm_cluster: skipping, {reason}", flush=True)
         pytest.skip(reason)
     with shared_cluster() as cluster:
         yield cluster
