@@ -47,8 +47,9 @@ def list_shards(inputs: list[str]) -> list[Path]:
     return list(dict.fromkeys(shards))  # a shard named twice is read once
 
 
-def iter_lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
+def iter_lines(path: str | Path, position: list[int] | None = None) -> Iterator[tuple[int, bytes]]:
     """(1-based line number, raw line without the newline). Raises InputError on a truncated stream.
+    `position[0]`, when given, follows the compressed bytes read so far (for progress and ETA).
 
     Decompresses through `decompressobj` rather than `stream_reader` because the latter ends silently
     at a cut-off frame; here an unfinished frame at end of file is reported with the line it cut.
@@ -62,6 +63,8 @@ def iter_lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
             block = f.read(_READ_BLOCK)
             if not block:
                 break
+            if position is not None:
+                position[0] = f.tell()
             while block:
                 try:
                     out = stream.decompress(block)
@@ -94,6 +97,7 @@ def iter_lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
 class Document:
     text: str
     subset: str
+    utf8: bytes  # the text's UTF-8 bytes: what the split hash is taken over
 
 
 def parse_record(raw: bytes, path: str, line: int, wanted: frozenset[str] | None) -> Document | str:
@@ -122,8 +126,8 @@ def parse_record(raw: bytes, path: str, line: int, wanted: frozenset[str] | None
     if not text.strip():
         raise InputError(path, line, "empty document (field 'text' has no non-whitespace character)")
     try:
-        text.encode("utf-8")
+        utf8 = text.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise InputError(path, line, f"undecodable text: lone surrogate {text[exc.start]!r} "
                                      f"at character {exc.start} of field 'text'") from None
-    return Document(text, subset)
+    return Document(text, subset, utf8)

@@ -62,7 +62,7 @@ class HFTokenizer:
         """Token ids as a numpy array (no per-token Python objects: the fast path for big documents)."""
         import numpy as np
 
-        return np.asarray(self._encode_one(text), dtype=np.int64)
+        return np.asarray(self._encode_one(text))
 
     def decode(self, ids) -> str:
         return self._decode([int(i) for i in ids])
@@ -108,7 +108,7 @@ class SentencePieceTokenizer:
     def encode_array(self, text: str):
         import numpy as np
 
-        return np.asarray(self._sp.encode(text), dtype=np.int64)
+        return np.asarray(self._sp.encode(text))
 
     def decode(self, ids) -> str:
         return self._sp.decode([int(i) for i in ids])
@@ -133,3 +133,23 @@ def load_tokenizer(path_or_none: str | os.PathLike | None = None, backend: str =
     if path.suffix == ".model":
         return SentencePieceTokenizer(path)
     return HFTokenizer(path, backend=backend)
+
+
+def tokenizer_summary(path_or_none: str | os.PathLike | None = None) -> dict:
+    """Identity, EOD and vocabulary size without building an encoder (keeps the main process's start-up
+    short: only workers load the tokenizer)."""
+    path = resolve_tokenizer_path(path_or_none)
+    if path.suffix == ".model":
+        tokenizer = SentencePieceTokenizer(path)
+        kind = "sentencepiece"
+    else:
+        config = json.loads(path.read_bytes())
+        specials = {t["content"]: t["id"] for t in config.get("added_tokens", [])}
+        eod = next((name for name in _EOD_CANDIDATES if name in specials), None)
+        if eod is None:
+            raise ValueError(f"{path}: no end-of-document token among added_tokens")
+        vocab = config.get("model", {}).get("vocab", {})
+        return {"path": str(path), "kind": "huggingface", "identity": _sha256(path), "eod_id": specials[eod],
+                "vocab_size": max([*vocab.values(), *specials.values()]) + 1}
+    return {"path": str(path), "kind": kind, "identity": tokenizer.identity, "eod_id": tokenizer.eod_id,
+            "vocab_size": tokenizer.vocab_size}
