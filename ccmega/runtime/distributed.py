@@ -102,15 +102,14 @@ def initialize(
             f"world size {env.world_size} is not divisible by TP {tensor_parallel} x PP {pipeline_parallel}"
         )
     if not torch.distributed.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", env.master_addr)
-        os.environ.setdefault("MASTER_PORT", str(env.master_port))
         if on_gpu():
             torch.cuda.set_device(env.local_rank)
         torch.distributed.init_process_group(
             backend="nccl" if on_gpu() else "gloo",
             rank=env.rank,
             world_size=env.world_size,
-            init_method=f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
+            # explicit address: nothing leaks into os.environ for child processes to trip over
+            init_method=f"tcp://{env.master_addr}:{env.master_port}",
             timeout=timedelta(minutes=timeout_minutes),
         )
     if not parallel_state.model_parallel_is_initialized():
