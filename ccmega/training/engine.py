@@ -7,6 +7,7 @@ clips and steps. What a model computes per micro-batch is the caller's `forward_
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Iterator
@@ -125,7 +126,11 @@ def train_step(
     micro_batch_size: int,
     forward_step: Callable = gpt_forward_step,
     loss_key: str = "lm loss",
+    skip_non_finite_loss: bool = False,
 ) -> StepResult:
+    """One optimizer step over `num_microbatches` micro-batches. With `skip_non_finite_loss`, a NaN/inf
+    global loss (the same value on every rank) leaves parameters and optimizer state untouched and
+    returns update_successful=False: bf16/fp32 megatron optimizers have no loss scaler to skip it."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     for m in setup.model:
@@ -140,8 +145,11 @@ def train_step(
         micro_batch_size=micro_batch_size,
         forward_only=False,
     )
+    loss = _reduced_losses(losses, loss_key)
+    if skip_non_finite_loss and not math.isfinite(loss):
+        return StepResult(loss=loss, grad_norm=float("nan"), update_successful=False)
     update_successful, grad_norm, _ = setup.optimizer.step()
-    return StepResult(loss=_reduced_losses(losses, loss_key),
+    return StepResult(loss=loss,
                       grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
                       update_successful=bool(update_successful))
 

@@ -1,0 +1,20 @@
+#!/bin/bash
+# Paper model LLM_D4(500M): qwen3-500m (533 M parameters, Table 2) pretrained on D4 =
+# 3/6 Pile-CC + 3/6 (ArXiv:Github:DM Mathematics = 2:2:1).
+# Defaults: 8 nodes x 8 GPUs (64 GPUs), bf16 + FP8 (hybrid). Everything else: slurm/launch_pretrain.sh.
+# #SBATCH lines cannot read the environment: override them on the sbatch command line, e.g. a CPU test:
+#   CCMEGA_CPU=1 STEPS=5 DATA_ROOT=... sbatch --nodes=1 --ntasks=2 --ntasks-per-node=2 --gpus-per-node=0 slurm/pretrain_d4_500m.sh
+#SBATCH --job-name=ccmega-pretrain-d4-500m
+#SBATCH --nodes=8
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --exclusive
+#SBATCH --time=48:00:00
+#SBATCH --signal=B:USR1@300
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=slurm-%x-%j.out
+export RECIPE=D4 SIZE=500m
+# sbatch runs a copy of this file: find the checkout through the job's Command= (or CCMEGA_HOME)
+script=$(scontrol show job "${SLURM_JOB_ID:-none}" -o 2>/dev/null | grep -oP 'Command=\K\S+')
+exec bash "${CCMEGA_HOME:-$(dirname "${script:-$0}")/..}/slurm/launch_pretrain.sh"
