@@ -27,6 +27,7 @@ class ICAEModel(MegatronModule):
     def __init__(self, encoder, decoder, num_memory_slots: int, end_token_id: int, real_vocab_size: int,
                  init_std: float = 0.02, seed: int = 1234):
         super().__init__(config=encoder.config)
+        self.model_type = encoder.model_type  # read by megatron's schedules
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             raise ValueError("ICAE does not support pipeline parallelism (PP > 1); use TP and DP")
         self.encoder, self.decoder = encoder, decoder
@@ -38,13 +39,24 @@ class ICAEModel(MegatronModule):
         with torch.no_grad():
             self.projector.weight.copy_(_replicated_init((dec_h, enc_h), enc_h ** -0.5, seed + 2))
             self.projector.bias.zero_()
+        dtype = encoder.config.params_dtype  # bf16 backbones get bf16 ICAE parameters (as megatron's own)
+        self.memory_embeddings.data = self.memory_embeddings.data.to(dtype)
+        self.ae_embedding.data = self.ae_embedding.data.to(dtype)
+        self.projector.to(dtype)
         decoder.requires_grad_(False)
         decoder.eval()
+        # megatron's schedules tag `model.decoder.layers` with the micro-batch number (set_current_microbatch);
+        # here `decoder` is a GPTModel: expose its layers there, unregistered (no duplicate state-dict keys).
+        object.__setattr__(decoder, "layers", decoder.decoder.layers)
 
     def train(self, mode: bool = True):
         super().train(mode)
         self.decoder.eval()  # frozen: dropout stays off
         return self
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Pipeline hook megatron's schedules call; without PP there is no input tensor to take."""
+        assert input_tensor is None or input_tensor == [None], "ICAE has no pipeline stages"
 
     # ---- the two halves ------------------------------------------------------------------------------
     def compress(self, context: torch.Tensor) -> torch.Tensor:
@@ -86,6 +98,15 @@ class ICAEModel(MegatronModule):
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
         full = super().sharded_state_dict(prefix, sharded_offsets, metadata)
         return {key: value for key, value in full.items() if not key.startswith(f"{prefix}decoder.")}
+
+    def load_state_dict(self, state_dict, strict: bool = True):
+        """Load the trainable parts (what an ICAE checkpoint holds); the decoder stays as it is (it comes
+        from its own pretraining checkpoint). `strict` applies to everything but the decoder."""
+        result = super().load_state_dict(state_dict, strict=False)
+        missing = [k for k in result.missing_keys if not k.startswith("decoder.")]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(f"ICAE state dict: missing {missing}, unexpected {result.unexpected_keys}")
+        return result
 
 
 def vocab_parallel_argmax(logits: torch.Tensor, real_vocab_size: int) -> torch.Tensor:
