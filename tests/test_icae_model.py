@@ -1,5 +1,4 @@
 """The megatron ICAE against an independent transformers implementation, and its frozen decoder."""
-import pytest
 import torch
 
 from ccmega.convert.hf_qwen3 import hf_to_megatron, load_full_state

@@ -229,3 +229,20 @@ def test_grid_submits_pretraining_and_fine_tuning_with_dependencies(inputs, tmp_
         assert "finished already" in again.stdout and "0 submitted" in again.stdout, again.stdout + again.stderr
     finally:
         cluster.stop()
+
+
+def test_icae_export_compresses_for_hugging_face(full_run, megatron_world_of_one, tmp_path):
+    """`ccmega convert icae-export`: the exported HF compressor + decoder give the trained ICAE's losses."""
+    from ccmega.convert.cli import icae_export
+    from ccmega.convert.icae_hf import load_exported
+    from ccmega.training.icae_train import load_icae
+
+    out = tmp_path / "export"
+    result = icae_export(full_run["run_dir"], str(out), verify=True)
+    assert result["max_abs_loss_diff"] <= 1e-4
+    assert {"icae.safetensors", "icae_config.json", "encoder", "decoder"} <= {p.name for p in out.iterdir()}
+    exported = load_exported(str(out))  # plain transformers models underneath
+    assert type(exported.encoder).__name__ == "Qwen3ForCausalLM" and exported.num_memory_slots == K
+    context = torch.randint(3, 51, (2, L), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(context)[0], load_icae(full_run["run_dir"])(context)[0], atol=1e-4, rtol=0)

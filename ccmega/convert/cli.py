@@ -37,25 +37,13 @@ def world_of_one():
     """torch.distributed + parallel_state for one CPU process; reuses a world of one that exists."""
     from ccmega import runtime
 
-    if torch.distributed.is_initialized():
-        if torch.distributed.get_world_size() != 1:
-            raise RuntimeError("`ccmega convert` runs as a single process: do not launch it under torchrun/srun")
-        from megatron.core import parallel_state as ps
-
-        if not ps.model_parallel_is_initialized():
-            runtime.initialize(1, 1)
-        elif ps.get_tensor_model_parallel_world_size() * ps.get_pipeline_model_parallel_world_size() != 1:
-            raise RuntimeError("`ccmega convert` needs TP=1, PP=1 in its process")
-        yield
-        return
-    if runtime.dist_env_from_environ().world_size != 1:
+    world = (torch.distributed.get_world_size() if torch.distributed.is_initialized()
+             else runtime.dist_env_from_environ().world_size)
+    if world != 1:
         raise RuntimeError("`ccmega convert` runs as a single process: do not launch it under torchrun/srun "
                            "with several tasks")
-    runtime.initialize(1, 1)
-    try:
+    with runtime.session(1, 1):
         yield
-    finally:
-        runtime.destroy()
 
 
 def single_stage_model(preset: ModelPreset, rows: int, dtype: torch.dtype):
@@ -108,12 +96,36 @@ def checkpoint_tokenizer(meta: dict, override: str | None, skip: bool) -> str | 
     return path
 
 
+def write_hf_model(model, preset: ModelPreset, folder: Path, tokenizer_path: str | None, dtype: torch.dtype,
+                   max_shard_size: str = "5GB") -> list[str]:
+    """A TP=1 PP=1 GPTModel -> config.json, generation_config.json, safetensors and tokenizer in `folder`."""
+    from ccmega.convert.hf_qwen3 import hf_config_dict, megatron_to_hf
+
+    state = megatron_to_hf(model.state_dict(), preset)
+    state = hf_folder.without_tied_head({k: v.to(dtype) for k, v in state.items()}, preset)
+    config = hf_config_dict(preset)
+    config.update(torch_dtype=dtype_name(dtype), dtype=dtype_name(dtype))
+    generation = {"do_sample": False}
+    if tokenizer_path:
+        special = hf_folder.write_tokenizer(tokenizer_path, folder, preset.max_position_embeddings)
+        eod = special["eos_token_id"]
+        if eod < preset.vocab_size:
+            config.update(bos_token_id=eod, eos_token_id=eod)
+            generation.update(bos_token_id=eod, eos_token_id=eod, pad_token_id=eod)
+        else:
+            log(f"warning: the tokenizer's end-of-document id {eod} is outside the model's vocabulary "
+                f"({preset.vocab_size}): is it the pretraining tokenizer? No token ids written to config")
+        log(f"  tokenizer: {tokenizer_path} (end of document {special['eos_token']!r} = {special['eos_token_id']})")
+    hf_folder.write_json(folder / "config.json", config)
+    hf_folder.write_json(folder / "generation_config.json", generation)
+    return hf_folder.write_safetensors(state, folder, hf_folder.parse_size(max_shard_size), log=log)
+
+
 def to_hf(checkpoint: str, output: str, dtype: str = "auto", max_shard_size: str = "5GB",
           tokenizer: str | None = None, no_tokenizer: bool = False, verify: bool = False,
           tolerance: float | None = None, overwrite: bool = False) -> dict:
     from megatron.core import dist_checkpointing
 
-    from ccmega.convert.hf_qwen3 import hf_config_dict, megatron_to_hf
     from ccmega.training.checkpointing import load_model_weights, read_checkpoint_metadata
 
     start = time.time()
@@ -134,27 +146,8 @@ def to_hf(checkpoint: str, output: str, dtype: str = "auto", max_shard_size: str
         model.eval()
         log(f"  loaded {sum(p.numel() for p in model.parameters()):,} parameters ({dtype_name(source_dtype)}, "
             f"{rows} embedding rows -> {preset.vocab_size})")
-        state = megatron_to_hf(model.state_dict(), preset)
-        state = hf_folder.without_tied_head({k: v.to(out_dtype) for k, v in state.items()}, preset)
-
         with hf_folder.atomic_dir(output, overwrite) as tmp:
-            config = hf_config_dict(preset)
-            config.update(torch_dtype=dtype_name(out_dtype), dtype=dtype_name(out_dtype))
-            generation = {"do_sample": False}
-            if tokenizer_path:
-                special = hf_folder.write_tokenizer(tokenizer_path, tmp, preset.max_position_embeddings)
-                eod = special["eos_token_id"]
-                if eod < preset.vocab_size:
-                    config.update(bos_token_id=eod, eos_token_id=eod)
-                    generation.update(bos_token_id=eod, eos_token_id=eod, pad_token_id=eod)
-                else:
-                    log(f"warning: the tokenizer's end-of-document id {eod} is outside the model's vocabulary "
-                        f"({preset.vocab_size}): is it the pretraining tokenizer? No token ids written to config")
-                log(f"  tokenizer: {tokenizer_path} (end of document {special['eos_token']!r} = "
-                    f"{special['eos_token_id']})")
-            hf_folder.write_json(tmp / "config.json", config)
-            hf_folder.write_json(tmp / "generation_config.json", generation)
-            files = hf_folder.write_safetensors(state, tmp, hf_folder.parse_size(max_shard_size), log=log)
+            files = write_hf_model(model, preset, tmp, tokenizer_path, out_dtype, max_shard_size)
             result = {"output": str(Path(output).resolve()), "files": files, "dtype": dtype_name(out_dtype)}
             if verify:
                 tol = tolerance if tolerance is not None else default_tolerance(out_dtype, source_dtype)
@@ -247,6 +240,54 @@ def from_hf(hf_dir: str, output: str, tensor_parallel: int = 1, pipeline_paralle
     return result
 
 
+# ---- ICAE export -------------------------------------------------------------------------------------
+
+def icae_export(checkpoint: str, output: str, verify: bool = False, tolerance: float | None = None,
+                overwrite: bool = False, with_decoder: bool = True) -> dict:
+    """An `icae-train` checkpoint -> OUTPUT/{icae.safetensors, icae_config.json, encoder/, decoder/}: the
+    compressor (encoder, memory slots, [AE], projector) for Hugging Face, loaded by
+    `ccmega.convert.icae_hf.load_exported`. --verify compares reconstruction losses of both sides."""
+    from ccmega.convert.icae_hf import load_exported, save_export
+    from ccmega.training.checkpointing import read_checkpoint_metadata
+    from ccmega.training.icae_train import load_icae
+
+    start = time.time()
+    meta = read_checkpoint_metadata(checkpoint)
+    if "icae" not in meta:
+        raise ValueError(f"{meta['path']}/ccmega.json has no 'icae' section: not an `icae-train` checkpoint")
+    icae = meta["icae"]
+    tokenizer_path = checkpoint_tokenizer(meta, None, False)
+    log(f"icae-export: {meta['path']} (k={icae['num_memory_slots']}, decoder {icae['decoder']['checkpoint']})")
+    with world_of_one():
+        model = load_icae(meta["path"], params_dtype=torch.float32)
+        parts = [("encoder", model.encoder)] + ([("decoder", model.decoder)] if with_decoder else [])
+        with hf_folder.atomic_dir(output, overwrite) as tmp:
+            for role, backbone in parts:
+                (tmp / role).mkdir()
+                write_hf_model(backbone, ModelPreset(**icae[role]["model_preset"]), tmp / role, tokenizer_path,
+                               torch.float32)
+            save_export(tmp, model.memory_embeddings, model.ae_embedding, model.projector.weight,
+                        model.projector.bias, icae["num_memory_slots"], icae["end_token_id"], "encoder",
+                        "decoder" if with_decoder else None)
+            result = {"output": str(Path(output).resolve())}
+            if verify:
+                result["max_abs_loss_diff"] = verify_icae(model, load_exported(str(tmp)), tolerance or FP32_TOLERANCE)
+    log(f"icae-export: wrote {result['output']}{' (verified)' if verify else ''} in {time.time() - start:.1f}s")
+    return result
+
+
+def verify_icae(ours, theirs, tolerance: float) -> float:
+    """Per-token reconstruction losses of the megatron ICAE and the exported HF ICAE on random contexts."""
+    vocab = ours.real_vocab_size
+    context = torch.randint(0, vocab, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (ours.eval()(context)[0] - theirs(context)[0]).abs().max().item()
+    log(f"  verify: max |Δ per-token loss| = {diff:.2e} (tolerance {tolerance:g})")
+    if not diff <= tolerance:
+        raise VerificationError(f"exported ICAE disagrees: max |Δ loss| {diff:.3e} > {tolerance:g}")
+    return diff
+
+
 # ---- command line -----------------------------------------------------------------------------------
 
 def parser() -> argparse.ArgumentParser:
@@ -279,13 +320,23 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--name", help="preset name recorded in ccmega.json (default: the folder's name)")
     s.add_argument("--tokenizer", help="tokenizer file to record (default: the HF folder's tokenizer.json)")
     common(s)
+
+    s = sub.add_parser("icae-export", help="ICAE checkpoint -> compressor for Hugging Face (safetensors + loader)")
+    s.add_argument("checkpoint", help="`ccmega icae-train` run dir, checkpoints/ dir or iter dir")
+    s.add_argument("output", help="folder to write: icae.safetensors, icae_config.json, encoder/, decoder/")
+    s.add_argument("--no-decoder", action="store_true", help="leave the frozen decoder out (export it yourself)")
+    s.add_argument("--verify", action="store_true", help="compare reconstruction losses of both sides")
+    s.add_argument("--tolerance", type=float, default=None, help=f"for --verify (default {FP32_TOLERANCE})")
+    s.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        if args.command == "to-hf":
+        if args.command == "icae-export":
+            icae_export(args.checkpoint, args.output, args.verify, args.tolerance, args.overwrite, not args.no_decoder)
+        elif args.command == "to-hf":
             to_hf(args.checkpoint, args.output, args.dtype, args.max_shard_size, args.tokenizer, args.no_tokenizer,
                   args.verify, args.tolerance, args.overwrite)
         else:

@@ -55,7 +55,8 @@ class HFICAE(torch.nn.Module):
         """Greedy decoding from the memory slots alone (HF KV cache), stopping at the end token."""
         prefix = self.decoder_prefix(self.compress(context))
         max_new_tokens = max_new_tokens or context.shape[1]
-        out = self.decoder.generate(inputs_embeds=prefix, max_new_tokens=max_new_tokens, do_sample=False,
+        mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
+        out = self.decoder.generate(inputs_embeds=prefix, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                                     eos_token_id=self.end_token_id, pad_token_id=self.end_token_id)
         return out
 

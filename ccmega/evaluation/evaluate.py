@@ -325,9 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     from ccmega import runtime
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    owns_runtime = not torch.distributed.is_initialized()
-    runtime.initialize(args.tp, 1, seed=args.seed)
-    try:
+    with runtime.session(args.tp, 1, seed=args.seed):
         if not args.icae:
             latency_only(args)
             return 0
@@ -340,6 +338,3 @@ def main(argv: list[str] | None = None) -> int:
                 f"{m['bleu_sentence_mean']:.2f} (sentence mean), ROUGE-L {m['rougeL']:.2f}; wrote {path} and "
                 f"{os.path.join(args.output_dir, SAMPLES_FILE)} in {summary['elapsed_s']:.1f} s")
         return 0
-    finally:
-        if owns_runtime:
-            runtime.destroy()

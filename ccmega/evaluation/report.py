@@ -502,6 +502,8 @@ def figure5(series, out: Path) -> Path:
         from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator
 
         def sci(x, _):
+            if x <= 0:  # matplotlib asks for ticks at 0 when there is a single value
+                return ""
             exponent = math.floor(math.log10(x))
             return f"${x / 10 ** exponent:.3g}\\times10^{{{exponent}}}$"
 

@@ -5,5 +5,6 @@ from ccmega.runtime.distributed import (  # noqa: F401
     dist_env_from_environ,
     initialize,
     on_gpu,
+    session,
     set_seed,
 )

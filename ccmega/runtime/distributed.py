@@ -6,6 +6,7 @@ of SLURM_JOB_NODELIST). A plain `python script.py` is a world of one.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -127,3 +128,16 @@ def destroy() -> None:
     parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+@contextlib.contextmanager
+def session(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int = 1234):
+    """`initialize` for the body of a command; tears down only a process group it started itself, so a
+    command called inside another (a test, the demo) leaves its caller's group alive."""
+    owns = not torch.distributed.is_initialized()
+    env = initialize(tensor_parallel, pipeline_parallel, seed)
+    try:
+        yield env
+    finally:
+        if owns:
+            destroy()

@@ -136,7 +136,10 @@ def _sharded_state_dict(model_chunks, optimizer, scheduler, progress: dict, is_l
         raise NotImplementedError("virtual pipeline stages (several model chunks) are not supported")
     state = {"model": _unwrap(model_chunks[0]).sharded_state_dict()}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading)
+        # 'fully_reshardable': megatron 0.16's default distributed-optimizer format uses flattened
+        # ShardedTensors that torch_dist cannot save; this one saves, and reloads at any TP/PP/DP.
+        state["optimizer"] = optimizer.sharded_state_dict(
+            state, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"})
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
     state["progress"] = dict(progress)

@@ -347,10 +347,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(cfg: ICAETrainConfig, the_plan: Plan) -> int:
+    from ccmega import runtime
+
+    with runtime.session(cfg.model.tensor_parallel, 1, seed=cfg.train.seed) as env:
+        return _run(env, cfg, the_plan)
+
+
+def _run(env, cfg: ICAETrainConfig, the_plan: Plan) -> int:
     import torch
     from megatron.core import parallel_state as ps
 
-    from ccmega import runtime
     from ccmega.presets import ModelPreset
     from ccmega.training import checkpointing as ckpt
     from ccmega.training.data import global_batch
@@ -359,7 +365,6 @@ def run(cfg: ICAETrainConfig, the_plan: Plan) -> int:
     from ccmega.training.logging_utils import MetricsLogger, default_peak_tflops, print_rank0
 
     stop = StopRequest()
-    env = runtime.initialize(cfg.model.tensor_parallel, 1, seed=cfg.train.seed)
     rank0 = env.rank == 0
     run_dir = os.path.abspath(cfg.run_dir)
     if rank0:
@@ -511,7 +516,6 @@ def run(cfg: ICAETrainConfig, the_plan: Plan) -> int:
         print(f"[ccmega] {state} at step {iteration}/{steps}; {skips.total} step(s) skipped; run dir {run_dir}",
               flush=True)
     logger.close()
-    runtime.destroy()
     return exit_code
 
 

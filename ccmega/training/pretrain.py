@@ -256,10 +256,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(cfg: PretrainConfig) -> int:
-    import torch
+    from ccmega import runtime
+
+    with runtime.session(cfg.model.tensor_parallel, cfg.model.pipeline_parallel, seed=cfg.train.seed) as env:
+        return _run(env, cfg)
+
+
+def _run(env, cfg: PretrainConfig) -> int:
     from megatron.core import parallel_state as ps
 
-    from ccmega import runtime
     from ccmega.data.tokenizers import load_tokenizer
     from ccmega.models.qwen3 import build_model
     from ccmega.presets import model_preset
@@ -269,7 +274,6 @@ def run(cfg: PretrainConfig) -> int:
     from ccmega.training.logging_utils import MetricsLogger, default_peak_tflops, flops_per_token, print_rank0
 
     stop = StopRequest()  # before the slow start-up: a signal during it still counts
-    env = runtime.initialize(cfg.model.tensor_parallel, cfg.model.pipeline_parallel, seed=cfg.train.seed)
     rank0 = env.rank == 0
     run_dir = os.path.abspath(cfg.run_dir)
     if rank0:
@@ -397,7 +401,6 @@ def run(cfg: PretrainConfig) -> int:
         print(f"[ccmega] {state} at step {iteration}/{steps}; {skips.total} step(s) skipped; run dir {run_dir}",
               flush=True)
     logger.close()
-    runtime.destroy()
     return exit_code
 
 
