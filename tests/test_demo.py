@@ -1,0 +1,35 @@
+"""`ccmega demo --quick`: the quickstart's code path end to end (fewer steps), and a rerun that reuses it."""
+import json
+import os
+import subprocess
+import sys
+
+from launch import REPO
+
+
+def demo(out):
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "-m", "ccmega.cli", "demo", "--quick", "--out", str(out)], cwd=REPO,
+                          env=dict(env, PYTHONWARNINGS="ignore"), capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+def test_quick_demo_end_to_end_and_rerun(tmp_path):
+    out = tmp_path / "demo"
+    first = demo(out)
+    # Table 3's three triples, each with numbers
+    rows = [line for line in first.splitlines() if line.startswith("| LLM_D")]
+    assert [r.split("|")[1:3] for r in rows] == [[" LLM_D1 ", " LLM_D1 "], [" LLM_D1 ", " LLM_D6 "], [" LLM_D6 ", " LLM_D1 "]]
+    for enc, dec in [("D1", "D1"), ("D1", "D6"), ("D6", "D1")]:
+        summary = json.loads((out / "eval" / f"{enc}_{dec}" / "summary.json").read_text())
+        assert summary["metrics"]["n"] > 0 and 0 <= summary["metrics"]["f1"] <= 100
+    report = (out / "report" / "report.md").read_text()
+    assert "LLM" in report and list((out / "report").glob("*.png"))
+    hf = json.loads((out / "hf" / "lm_D1" / "config.json").read_text())
+    assert hf["architectures"] == ["Qwen3ForCausalLM"]
+    assert "verified" in (out / "logs" / "convert.log").read_text()
+
+    second = demo(out)  # every stage reused, same table
+    assert second.count("done earlier, reused") == len([l for l in first.splitlines() if ": running (" in l])
+    assert [l for l in second.splitlines() if l.startswith("| LLM_D")] == rows
