@@ -61,6 +61,10 @@ def build_datasets(paths: list[str], weights: list[float] | None, split: str, se
         create_attention_mask=False,  # causal attention needs no mask tensor (TE and SDPAttention)
         mid_level_dataset_surplus=0.005,
     )
+    # Build only the splits that are used: megatron loops forever on an empty split asked for samples.
+    wanted = [True, valid_samples > 0, False]
+    config.split_matrix = [m if w else None for m, w in zip(config.split_matrix, wanted)]
+    _check_splits_have_documents(paths, config.split_matrix, split)
     sizes = [train_samples, valid_samples, 0]
     if len(paths) > 1 and train_samples is None:
         raise ValueError("a blend of several datasets needs train.steps (one epoch is defined for one dataset)")
@@ -68,6 +72,19 @@ def build_datasets(paths: list[str], weights: list[float] | None, split: str, se
     if train is None or len(train) == 0:
         raise ValueError(f"no training samples of {seq_length} tokens in {paths} with split {split!r}")
     return Datasets(train=train, valid=valid if valid_samples else None)
+
+
+def _check_splits_have_documents(paths: list[str], split_matrix, split: str) -> None:
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    for prefix in paths:
+        documents = len(IndexedDataset(prefix).document_indices) - 1
+        for name, bounds in zip(("train", "validation"), split_matrix):
+            if bounds is not None and round(bounds[1] * documents) - round(bounds[0] * documents) < 1:
+                raise ValueError(
+                    f"{prefix}: the {name} share of data.split={split!r} holds no documents ({documents} in all); "
+                    "give it a larger share (e.g. --set data.split=90,10,0) or turn validation off "
+                    "(--set logging.eval_interval=0)")
 
 
 def global_batch(dataset, first_sample: int, global_batch_size: int, micro_batch_size: int,
