@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ccmega.data.indexed_writer import IndexedDatasetWriter, atomic_write_bytes, token_dtype
+from ccmega.data.indexed_writer import IndexedDatasetWriter, token_dtype
+from ccmega.fileio import atomic_write_bytes
 from ccmega.data.pile_reader import InputError
 from ccmega.data.progress import Progress, format_seconds
 from ccmega.data.tokenize_stage import StageConfig, shard_batches, tokenize_batch

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ccmega.fileio import atomic_write_bytes
+
 _INDEX_HEADER = b"MMIDIDX\x00\x00"
 _DTYPE_CODES = {np.uint8: 1, np.int8: 2, np.int16: 3, np.int32: 4, np.int64: 5,
                 np.float64: 6, np.float32: 7, np.uint16: 8}
@@ -33,15 +35,6 @@ def token_dtype(vocab_size: int) -> type:
 
 def temp_path(path: Path) -> Path:
     return path.with_name(path.name + ".tmp")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = temp_path(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class IndexedDatasetWriter:

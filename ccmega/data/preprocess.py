@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ccmega.data.indexed_writer import IndexedDatasetWriter, atomic_write_bytes, token_dtype
+from ccmega.data.indexed_writer import IndexedDatasetWriter, token_dtype
+from ccmega.fileio import atomic_write_bytes
 from ccmega.data.pile_reader import InputError, list_shards
 from ccmega.data.progress import Progress, format_seconds
 from ccmega.data.splits import FINETUNE, SPLIT_NAMES, TEST

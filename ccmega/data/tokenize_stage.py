@@ -18,7 +18,8 @@ from typing import Iterator
 
 import numpy as np
 
-from ccmega.data.indexed_writer import atomic_write_bytes, temp_path
+from ccmega.data.indexed_writer import temp_path
+from ccmega.fileio import atomic_write_bytes
 from ccmega.data.pile_reader import InputError, iter_lines, parse_record
 from ccmega.data.progress import Progress
 from ccmega.data.splits import DIGEST_BYTES, PRETRAIN, split_of, text_digest

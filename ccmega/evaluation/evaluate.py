@@ -30,10 +30,11 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 
 import torch
+
+from ccmega.fileio import atomic_write_text
 
 SAMPLES_FILE = "samples.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -92,19 +93,6 @@ def parse_args(argv):
 def log(*parts) -> None:
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         print("[ccmega] evaluate:", *parts, flush=True)
-
-
-def atomic_write(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _recipe_of_prefix(prefix: str) -> str | None:
@@ -258,7 +246,7 @@ def evaluate(args) -> dict:
     }
     if latency is not None:
         summary["latency"] = latency
-    atomic_write(os.path.join(args.output_dir, SAMPLES_FILE),
+    atomic_write_text(os.path.join(args.output_dir, SAMPLES_FILE),
                  "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return summary
 
@@ -299,7 +287,7 @@ def latency_only(args) -> dict:
         with open(args.into, encoding="utf-8") as f:
             summary = json.load(f)
         summary["latency"] = record
-        atomic_write(args.into, _dump(summary))
+        atomic_write_text(args.into, _dump(summary))
         log(f"added the latency record to {args.into}")
         return record
     nan = math.nan
@@ -314,7 +302,7 @@ def latency_only(args) -> dict:
         "created_by": "ccmega evaluate " + " ".join(sys.argv[1:]),
     }
     path = os.path.join(args.output_dir, f"latency_{args.encoder_preset}_{args.decoder_preset}_ctx{args.context_tokens}.json")
-    atomic_write(path, _dump(summary))
+    atomic_write_text(path, _dump(summary))
     log(f"wrote {path}")
     return record
 
@@ -332,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = evaluate(args)
         if summary:
             path = os.path.join(args.output_dir, SUMMARY_FILE)
-            atomic_write(path, _dump(summary))
+            atomic_write_text(path, _dump(summary))
             m = summary["metrics"]
             log(f"{m['n']} samples: F1 {m['f1']:.2f}, BLEU {m['bleu_corpus']:.2f} (corpus) / "
                 f"{m['bleu_sentence_mean']:.2f} (sentence mean), ROUGE-L {m['rougeL']:.2f}; wrote {path} and "

@@ -52,6 +52,7 @@ from pathlib import Path
 from ccmega.evaluation import paper_results
 from ccmega.evaluation.correlation import correlate
 from ccmega.evaluation.flops import baseline_flops, icae_flops
+from ccmega.fileio import atomic_write_text
 from ccmega.presets import MODEL_PRESETS
 
 SUMMARY_METRICS = ("f1", "bleu_corpus", "bleu_sentence_mean", "rougeL")
@@ -214,17 +215,6 @@ def read_samples(path: Path) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- output
-def atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def atomic_save_figure(fig, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

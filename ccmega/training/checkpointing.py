@@ -23,6 +23,8 @@ import shutil
 import numpy as np
 import torch
 
+from ccmega.fileio import atomic_write_text
+
 FORMAT = "ccmega-gpt-v1"
 METADATA_FILE = "ccmega.json"
 LATEST_FILE = "latest"
@@ -34,15 +36,6 @@ def iter_dir_name(iteration: int) -> str:
 
 def checkpoints_dir(run_dir: str) -> str:
     return os.path.join(run_dir, "checkpoints")
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def latest_iter_dir(ckpt_dir: str) -> str | None:
@@ -172,8 +165,8 @@ def save_checkpoint(run_dir: str, model_chunks, optimizer, scheduler, progress: 
     if rank == 0:
         meta = dict(metadata, iteration=iteration, consumed_samples=int(progress["consumed_samples"]),
                     format=FORMAT, **_layout())
-        _atomic_write_text(os.path.join(iter_dir, METADATA_FILE), json.dumps(meta, indent=2) + "\n")
-        _atomic_write_text(os.path.join(ckpt_dir, LATEST_FILE), iter_dir_name(iteration) + "\n")
+        atomic_write_text(os.path.join(iter_dir, METADATA_FILE), json.dumps(meta, indent=2) + "\n")
+        atomic_write_text(os.path.join(ckpt_dir, LATEST_FILE), iter_dir_name(iteration) + "\n")
     torch.distributed.barrier()
     return iter_dir
 

@@ -234,9 +234,9 @@ def current_lr(optimizer) -> float:
 
 
 def _write_status(run_dir: str, **status) -> None:
-    from ccmega.training.checkpointing import _atomic_write_text
+    from ccmega.fileio import atomic_write_text
 
-    _atomic_write_text(os.path.join(run_dir, "status.json"), json.dumps(status) + "\n")
+    atomic_write_text(os.path.join(run_dir, "status.json"), json.dumps(status) + "\n")
 
 
 # ---- main -----------------------------------------------------------------------------------------
