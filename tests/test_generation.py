@@ -4,33 +4,18 @@ import pytest
 import torch
 
 from ccmega.convert.hf_qwen3 import hf_to_megatron, load_full_state
-from test_icae_model import DECODER, ENCODER
+from test_icae_model import ENCODER
+from test_icae_model import build_pair as build_icae_pair
 from test_qwen3_parity import random_hf_model
 
-K, L = 4, 24
+L = 24
 
 
 def build_pair(end_token=5, decoder_scale=6.0):
-    """A random megatron ICAE and its transformers twin. The decoder's weights are scaled up so that greedy
-    decoding does not collapse into repeating one token (a weak test); norms stay as they are."""
-    from ccmega.convert.icae_hf import HFICAE
-    from ccmega.models.icae import ICAEModel
-    from ccmega.models.qwen3 import build_model, transformer_config
-
-    hf_enc, hf_dec = random_hf_model(ENCODER, seed=1), random_hf_model(DECODER, seed=2)
-    with torch.no_grad():
-        for name, p in hf_dec.named_parameters():
-            if "norm" not in name:
-                p.mul_(decoder_scale)
-    enc = build_model(ENCODER, transformer_config(ENCODER))
-    dec = build_model(DECODER, transformer_config(DECODER))
-    load_full_state(enc, hf_to_megatron(hf_enc.state_dict(), ENCODER))
-    load_full_state(dec, hf_to_megatron(hf_dec.state_dict(), DECODER))
-    ours = ICAEModel(enc, dec, num_memory_slots=K, end_token_id=end_token, real_vocab_size=ENCODER.vocab_size)
-    theirs = HFICAE(hf_enc, hf_dec, num_memory_slots=K, end_token_id=end_token)
-    theirs.load_state_dict({k: v for k, v in ours.state_dict().items()
-                            if k.startswith(("memory_embeddings", "ae_embedding", "projector"))}, strict=False)
-    return ours.eval(), theirs.eval()
+    """The ICAE pair of test_icae_model with the decoder's weights scaled up, so that greedy decoding does not
+    collapse into repeating one token (a weak test); norms stay as they are."""
+    ours, theirs = build_icae_pair(end_token, decoder_scale)
+    return ours.eval(), theirs
 
 
 @pytest.fixture(scope="module")

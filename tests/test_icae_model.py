@@ -11,12 +11,18 @@ DECODER = model_preset("qwen3-tiny").replace(hidden_size=96, ffn_hidden_size=160
                                              num_attention_heads=6, num_query_groups=3, head_dim=32)
 
 
-def build_pair(end_token=5):
+def build_pair(end_token=5, decoder_scale=1.0):
+    """A random megatron ICAE and its transformers twin with the same weights; `decoder_scale` multiplies
+    the decoder's non-norm weights."""
     from ccmega.convert.icae_hf import HFICAE
     from ccmega.models.icae import ICAEModel
     from ccmega.models.qwen3 import build_model, transformer_config
 
     hf_enc, hf_dec = random_hf_model(ENCODER, seed=1), random_hf_model(DECODER, seed=2)
+    with torch.no_grad():
+        for name, p in hf_dec.named_parameters():
+            if "norm" not in name:
+                p.mul_(decoder_scale)
     enc = build_model(ENCODER, transformer_config(ENCODER))
     dec = build_model(DECODER, transformer_config(DECODER))
     load_full_state(enc, hf_to_megatron(hf_enc.state_dict(), ENCODER))
