@@ -46,7 +46,8 @@ def main():
     from ccmega.convert.icae_hf import HFICAE
     from ccmega.presets import model_preset
     from ccmega.training.engine import build_training_setup, train_step
-    from ccmega.training.icae_train import ICAEForwardStep, build_icae
+    from ccmega.models.icae_checkpoint import build_icae
+    from ccmega.training.icae_train import ICAEForwardStep
     from ccmega.models.qwen3 import transformer_config
     from test_qwen3_parity import random_hf_model  # tests/ on sys.path (see __main__)
 
@@ -64,12 +65,12 @@ def main():
     load_full_state(ours.encoder, hf_to_megatron(hf_enc.state_dict(), enc_p))
     load_full_state(ours.decoder, hf_to_megatron(hf_dec.state_dict(), dec_p))
     setup = build_training_setup([ours], ours.encoder.config, lr=1e-4)
-    forward_step = ICAEForwardStep(device)
-    data = torch.randint(0, min(enc_p.vocab_size, 1000), (b, L), generator=torch.Generator().manual_seed(0))
+    forward_step = ICAEForwardStep()
+    data = torch.randint(0, min(enc_p.vocab_size, 1000), (b, L), generator=torch.Generator().manual_seed(0)).to(device)
 
     def ours_step():
         train_step(setup, iter([{"tokens": data}]), 1, L + 1, b, forward_step)
-        forward_step.accuracy()
+        forward_step.metrics()
 
     # baseline: Qwen3ForCausalLM encoder/decoder fed inputs_embeds, torch AdamW (fused on GPU)
     theirs = HFICAE(hf_enc.to(device, dtype), hf_dec.to(device, dtype), k, end_token_id=0).to(device)
@@ -79,11 +80,10 @@ def main():
     theirs.decoder.eval()
     params = [p for p in theirs.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95), fused=gpu)
-    hf_data = data.to(device)
 
     def theirs_step():
         opt.zero_grad(set_to_none=True)
-        loss, _ = theirs(hf_data)
+        loss, _ = theirs(data)
         loss.mean().backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

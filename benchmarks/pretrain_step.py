@@ -43,7 +43,8 @@ def main(argv=None) -> int:
     from ccmega.presets import model_preset
     from ccmega.training.engine import build_training_setup, train_step
     from ccmega.training.logging_utils import default_peak_tflops, flops_per_token
-    from ccmega.training.pretrain import PretrainConfig, fp8_unavailable_reason, model_config
+    from ccmega.training.loop import fp8_unavailable_reason, model_config
+    from ccmega.training.pretrain import PretrainConfig
     from ccmega.config import set_dotted
 
     cfg = PretrainConfig()
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
         return 2
     env = runtime.initialize(args.tp, args.pp, seed=1234)
     preset = model_preset(args.preset)
-    config, dtype = model_config(cfg, preset)
+    config, dtype = model_config(cfg.precision, preset, args.tp, args.pp)
     setup = build_training_setup([build_model(preset, config)], config, lr=1e-4,
                                  use_distributed_optimizer=args.distributed_optimizer)
     dp = ps.get_data_parallel_world_size()

@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("ccmega.training.pretrain", "pretrain a Qwen3 LM on megatron-core"),
     "icae-train": ("ccmega.training.icae_train", "fine-tune an ICAE compressor (frozen decoder)"),
     "evaluate": ("ccmega.evaluation.evaluate", "reconstruction metrics, entropies, latency"),
+    "probe-decoder": ("ccmega.evaluation.probe", "can an LM serve as a frozen ICAE decoder: copy score, drivability"),
     "report": ("ccmega.evaluation.report", "tables and figures from evaluation summaries"),
     "convert": ("ccmega.convert.cli", "convert checkpoints to/from Hugging Face Qwen3"),
     "demo": ("ccmega.demo", "the whole study at toy scale on a CPU"),

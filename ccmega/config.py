@@ -138,11 +138,15 @@ def _dest(key: str) -> str:
 
 
 def parse_config(cls: type[T], argv: Sequence[str], shortcuts: dict[str, tuple[str, str]],
-                 description: str = "", prog: str | None = None) -> tuple[T, argparse.Namespace]:
-    """Parse `argv` into a `cls` instance (defaults < --config < --set/shortcuts)."""
+                 description: str = "", prog: str | None = None,
+                 extra_arguments=None) -> tuple[T, argparse.Namespace]:
+    """Parse `argv` into a `cls` instance (defaults < --config < --set/shortcuts). `extra_arguments(parser)`
+    adds flags that are not config keys (they come back in the namespace)."""
     parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser, shortcuts)
+    if extra_arguments is not None:
+        extra_arguments(parser)
     args = parser.parse_args(list(argv))
     try:
         return load_config(cls, args.config, overrides_from_args(args, shortcuts)), args

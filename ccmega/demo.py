@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -95,7 +96,7 @@ def plan(out: str, s: DemoScale, quick: bool) -> list[Stage]:
         stages.append(Stage(f"evaluate {enc}-{dec}", ccmega + [
             "evaluate", "--icae", os.path.join(runs, f"icae_{enc}_{dec}"), "--data", os.path.join(data, "D1", "test"),
             "--output-dir", os.path.join(out, "eval", f"{enc}_{dec}"), "--batch-size", "50",
-            "--encoder-recipe", enc, "--decoder-recipe", dec, "--data-recipe", "D1"], 30 * scale + 10))
+            "--encoder-recipe", enc, "--decoder-recipe", dec, "--data-recipe", "D1", "--controls"], 30 * scale + 10))
     stages += [
         Stage("report", ccmega + ["report", os.path.join(out, "eval"), "--out", os.path.join(out, "report")], 10),
         Stage("convert", ccmega + ["convert", "to-hf", os.path.join(runs, "lm_D1"), os.path.join(out, "hf", "lm_D1"),
@@ -138,6 +139,15 @@ def run_stages(out: str, stages: list[Stage], log_dir: str) -> float:
     return time.time() - start
 
 
+# Everything the stages write under --out: --fresh removes it all, so no stage resumes an old checkpoint.
+STAGE_OUTPUTS = ("tokenizer", "data", "runs", "eval", "report", "hf", "logs", ".stages")
+
+
+def clear_outputs(out: str) -> None:
+    for name in STAGE_OUTPUTS:
+        shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+
+
 def _child_env() -> dict:
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     env.pop("MASTER_PORT", None)  # each child is its own world of one
@@ -162,11 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ccmega demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/demo", help="folder for every output (default %(default)s)")
     parser.add_argument("--quick", action="store_true", help="the same path at a much smaller scale (tests)")
-    parser.add_argument("--fresh", action="store_true", help="ignore finished stages and redo everything")
+    parser.add_argument("--fresh", action="store_true", help="delete every earlier output under --out and redo all")
     args = parser.parse_args(argv)
     scale = QUICK if args.quick else FULL
     if args.fresh:
-        subprocess.run(["rm", "-rf", os.path.join(args.out, ".stages")], check=True)
+        clear_outputs(args.out)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "demo_scale.json"), "w") as f:
         json.dump(asdict(scale), f, indent=2)

@@ -164,7 +164,7 @@ DATASET_RECIPES: dict[str, DatasetRecipe] = {
     for r in [DatasetRecipe("D1", 0.0, "100% Pile-CC")]
     + [DatasetRecipe(f"D{k + 1}", k / 6, f"{6 - k}/6 Pile-CC + {k}/6 (ArXiv:Github:DM Mathematics = 2:2:1)")
        for k in range(1, 6)]
-    + [DatasetRecipe("random", None, "random upper/lowercase letters and punctuation (paper §4.6)")]
+    + [DatasetRecipe("random", None, "random characters of the --random-alphabet (paper §4.2, §4.6)")]
 }
 
 

@@ -4,6 +4,7 @@
 # Defaults: 8 nodes x 8 GPUs (64 GPUs), bf16 + FP8 (hybrid). Everything else: slurm/launch_pretrain.sh.
 # #SBATCH lines cannot read the environment: override them on the sbatch command line, e.g. a CPU test:
 #   CCMEGA_CPU=1 STEPS=5 DATA_ROOT=... sbatch --nodes=1 --ntasks=2 --ntasks-per-node=2 --gpus-per-node=0 slurm/pretrain_d2_200m.sh
+# Check the real layout on a login/CPU node first (one process, no srun): DRY_RUN=1 bash slurm/pretrain_d2_200m.sh
 #SBATCH --job-name=ccmega-pretrain-d2-200m
 #SBATCH --nodes=8
 #SBATCH --ntasks-per-node=8
@@ -14,7 +15,8 @@
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --output=slurm-%x-%j.out
-export RECIPE=D2 SIZE=200m
+# JOB_SCRIPT: this file (or sbatch's copy of it), whose #SBATCH defaults a DRY_RUN=1 checks
+export RECIPE=D2 SIZE=200m JOB_SCRIPT=$0
 # sbatch runs a copy of this file: find the checkout through the job's Command= (or CCMEGA_HOME)
 script=$(scontrol show job "${SLURM_JOB_ID:-none}" -o 2>/dev/null | grep -oP 'Command=\K\S+')
 exec bash "${CCMEGA_HOME:-$(dirname "${script:-$0}")/..}/slurm/launch_pretrain.sh"

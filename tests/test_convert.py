@@ -212,8 +212,12 @@ def test_checkpoint_to_hf_logits_and_tensors(converted, layout):
 
         from ccmega.data.tokenizers import load_tokenizer
 
-        text = "Context compression <|endoftext|> with ICAE."
-        assert AutoTokenizer.from_pretrained(out).encode(text) == load_tokenizer(out / "tokenizer.json").encode(text)
+        ours = load_tokenizer(out / "tokenizer.json")
+        plain, quoting = "Context compression with ICAE.", "Context compression <|endoftext|> with ICAE."
+        assert AutoTokenizer.from_pretrained(out).encode(plain) == ours.encode(plain)
+        # ccmega tokenizes document text as text; transformers matches added tokens in text unless told not to
+        assert ours.eod_id not in ours.encode(quoting) and ours.eod_id in AutoTokenizer.from_pretrained(out).encode(quoting)
+        assert AutoTokenizer.from_pretrained(out, split_special_tokens=True).encode(quoting) == ours.encode(quoting)
 
 
 @pytest.mark.parametrize("layout", ["tp2", "pp2"])
@@ -348,3 +352,34 @@ def test_sentencepiece_tokenizer_loads_with_autotokenizer(tmp_path):
 if __name__ == "__main__":  # torchrun worker: FULL_STATE FROM_HF_CKPT OUT
     sys.path.insert(0, HERE)
     worker(*sys.argv[1:4])
+
+
+def test_icae_export_tolerance_zero_is_a_tolerance(megatron_world_of_one, tmp_path, monkeypatch):
+    """`--tolerance 0` demands an exact match: it used to become the default (`tolerance or default`)."""
+    from icae_fixtures import make_pretrain_checkpoint, make_split, make_tokenizer
+
+    from ccmega import cli
+    from ccmega.convert import cli as convert_cli
+    from ccmega.presets import model_preset
+
+    preset = model_preset(PRESET)
+    tok = make_tokenizer(tmp_path / "tok" / "tokenizer.json")
+    data = make_split(tmp_path / "D1" / "finetune", 8, 16, preset.vocab_size, seed=1, tokenizer=tok)
+    encoder = make_pretrain_checkpoint(tmp_path / "enc", preset, tok, seed=1, train_steps=0)
+    decoder = make_pretrain_checkpoint(tmp_path / "dec", preset, tok, seed=2, train_steps=0)
+    assert cli.main(["icae-train", "--encoder", str(encoder), "--decoder", str(decoder), "--data", data,
+                     "--run-dir", str(tmp_path / "icae"), "--memory-slots", "4", "--context-tokens", "16",
+                     "--steps", "1", "--micro-batch-size", "4", "--warmup-steps", "0"]) == 0
+    seen = []
+
+    def spy(ours, theirs, tolerance):
+        seen.append(tolerance)
+        return real(ours, theirs, tolerance)
+
+    real = convert_cli.verify_icae
+    monkeypatch.setattr(convert_cli, "verify_icae", spy)
+    assert convert("icae-export", tmp_path / "icae", tmp_path / "default", "--verify") is None
+    rc = convert_cli.main(["icae-export", str(tmp_path / "icae"), str(tmp_path / "exact"), "--verify", "--tolerance", "0"])
+    assert seen == [convert_cli.FP32_TOLERANCE, 0.0]
+    # float32 megatron vs transformers: not bit-identical, so an exact match fails and leaves no folder
+    assert rc == 1 and not (tmp_path / "exact").exists()

@@ -66,6 +66,7 @@ def test_pretrain_shares_match_the_recipe(recipe, source_texts):
     assert manifest["tokenizer"]["identity"] == hashlib.sha256(
         (default_tokenizer_dir() / "tokenizer.json").read_bytes()).hexdigest()
     assert manifest["tokenize"]["skipped_subsets"].keys() <= {"Wikipedia (en)", "FreeLaw"}
+    assert manifest["created_by"].startswith("ccmega preprocess --")  # the command as typed, named once
 
 
 def test_round_trip_detokenised_documents_equal_sources(source_texts, reference_tokenizer):
@@ -112,8 +113,9 @@ def test_random_corpus(reference_tokenizer):
     dataset = megatron_dataset(prefix)
     assert int(dataset.sequence_lengths.sum()) == BUDGET
     text = reference_tokenizer.decode(dataset[0][:-1].tolist())
-    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
-    assert len(text) >= 1024 and set(text) <= allowed
+    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+                  "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")  # the default alphabet: §4.6's, digits included
+    assert len(text) >= 1024 and set(text) == allowed
 
 
 def test_verify_proves_zero_overlap_and_catches_a_planted_one(tmp_path):

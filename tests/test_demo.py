@@ -7,9 +7,9 @@ import sys
 from launch import REPO
 
 
-def demo(out):
+def demo(out, *extra):
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
-    proc = subprocess.run([sys.executable, "-m", "ccmega.cli", "demo", "--quick", "--out", str(out)], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "ccmega.cli", "demo", "--quick", "--out", str(out), *extra], cwd=REPO,
                           env=dict(env, PYTHONWARNINGS="ignore"), capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc.stdout
@@ -30,6 +30,13 @@ def test_quick_demo_end_to_end_and_rerun(tmp_path):
     assert hf["architectures"] == ["Qwen3ForCausalLM"]
     assert "verified" in (out / "logs" / "convert.log").read_text()
 
+    stages = len([l for l in first.splitlines() if ": running (" in l])
     second = demo(out)  # every stage reused, same table
-    assert second.count("done earlier, reused") == len([l for l in first.splitlines() if ": running (" in l])
+    assert second.count("done earlier, reused") == stages
     assert [l for l in second.splitlines() if l.startswith("| LLM_D")] == rows
+
+    fresh = demo(out, "--fresh")  # every stage retrained from nothing (no checkpoint resumed), same numbers
+    assert fresh.count(": running (") == stages and "done earlier" not in fresh
+    logs = "".join(p.read_text() for p in (out / "logs").glob("*.log"))
+    assert "resumed from" not in logs and "initialised from" in logs
+    assert [l for l in fresh.splitlines() if l.startswith("| LLM_D")] == rows

@@ -45,7 +45,7 @@ def test_evaluate_writes_samples_and_a_summary_the_report_reads(trained, tmp_pat
     from ccmega.evaluation.evaluate import main
     from ccmega.evaluation.generation import reconstruct
     from ccmega.training.icae_data import ContextSamples
-    from ccmega.training.icae_train import load_icae
+    from ccmega.models.icae_checkpoint import load_icae
 
     out = tmp_path / "eval"
     assert main(["--icae", str(trained["icae"]), "--data", trained["test"], "--output-dir", str(out),
@@ -75,7 +75,8 @@ def test_evaluate_writes_samples_and_a_summary_the_report_reads(trained, tmp_pat
         assert {"f1", "bleu_sentence", "rougeL"} <= row.keys()
     assert not math.isclose(rows[0]["entropy_encoder"], rows[0]["entropy_decoder"])
 
-    assert summary["encoder"]["recipe"] == "D1" and summary["decoder"]["recipe"] == "D6" and summary["data"] == "D1"
+    assert summary["encoder"]["recipe"] == "D1" and summary["decoder"]["recipe"] == "D6"
+    assert summary["finetune_data"] == summary["test_data"] == "D1" and "data" not in summary
     assert summary["encoder"]["preset"] == summary["decoder"]["preset"] == "qwen3-tiny"
     assert summary["metrics"]["n"] == N and summary["memory_tokens"] == K
     assert summary["metrics"]["f1"] == pytest.approx(sum(r["f1"] for r in rows) / N)
@@ -83,6 +84,8 @@ def test_evaluate_writes_samples_and_a_summary_the_report_reads(trained, tmp_pat
     assert set(summary["correlations"]["encoder"]) == {"f1", "bleu_sentence", "rougeL"}
     lat = summary["latency"]
     assert lat["context_tokens"] == 32 and lat["generated_tokens"] == 6 and len(lat["generation_s_all"]) == 2
+    # timed at the ICAE's own ratio r = L / k = 4: k = 8 for 32 tokens, on random weights (it has k = 4)
+    assert (lat["memory_tokens"], lat["compression_ratio"], lat["weights"]) == (8, 4.0, "random")
     assert lat["compression_s"] > 0 and lat["generation_s"] > 0
 
     run = report.load_summary(out / "summary.json")
@@ -106,15 +109,64 @@ def test_latency_mode_with_random_weights(megatron_world_of_one, tmp_path):
             "--generate-tokens", "4", "--warmup", "1", "--repeats", "2"]
     assert main(args + ["--output-dir", str(tmp_path)]) == 0
     path = tmp_path / "latency_qwen3-tiny_qwen3-mini_ctx64.json"
-    summary = json.loads(path.read_text())
-    assert summary["memory_tokens"] == 16  # k = context / 4
+    summary = strict_json(path.read_text())  # the metrics are not measured: null, not a bare NaN
+    assert summary["metrics"]["f1"] is None and summary["finetune_data"] == summary["test_data"] == "unknown"
+    assert summary["memory_tokens"] == 16 and summary["latency"]["compression_ratio"] == 4  # k = context / 4
     assert summary["latency"]["context_tokens"] == 64 and summary["latency"]["repeats"] == 2
     assert report.load_summary(path).latency["generation_s"] > 0
 
     into = tmp_path / "existing.json"
     into.write_text(json.dumps({"encoder": {"preset": "qwen3-tiny", "recipe": "D1"},
                                 "decoder": {"preset": "qwen3-mini", "recipe": "D1"}, "data": "D1",
-                                "metrics": {"f1": 1.0, "bleu_corpus": 2.0, "bleu_sentence_mean": 3.0, "rougeL": 4.0}}))
+                                "metrics": {"f1": 1.0, "bleu_corpus": 2.0, "bleu_sentence_mean": 3.0, "rougeL": 4.0},
+                                "entropy_mean": {"encoder": math.nan}}))  # as older summaries had it
     assert main(args + ["--into", str(into)]) == 0
-    merged = json.loads(into.read_text())
+    merged = strict_json(into.read_text())
+    assert merged["entropy_mean"] == {"encoder": None}
     assert merged["metrics"]["f1"] == 1.0 and merged["latency"]["generated_tokens"] == 4
+
+
+def strict_json(text: str):
+    """json.loads that refuses NaN/Infinity, which are not JSON (Python's json writes them by default)."""
+    def refuse(constant):
+        raise AssertionError(f"not valid JSON: bare {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_summary_labels_finetune_and_test_data_and_latency_says_what_it_timed(trained, tmp_path):
+    """The ICAE fine-tuned on D1 evaluated on a D6 test split: the summary keeps both recipes (the paper's
+    D6 rows are fine-tuned on D6), latency at the ICAE's own L is the trained ICAE itself, the files are
+    strict JSON, and created_by is the command as typed."""
+    from ccmega import cli
+    from ccmega.presets import model_preset
+
+    d6_test = make_split(trained["root"] / "D6" / "test", 3, L, model_preset("qwen3-tiny").vocab_size, seed=4,
+                         tokenizer=trained["tok"])
+    out = tmp_path / "eval"
+    args = ["--icae", str(trained["icae"]), "--data", d6_test, "--output-dir", str(out), "--no-entropy",
+            "--latency", "--context-tokens", str(L), "--generate-tokens", "3", "--warmup", "0", "--repeats", "1"]
+    assert cli.main(["evaluate", *args]) == 0
+    summary = strict_json((out / "summary.json").read_text())
+    assert (summary["finetune_data"], summary["test_data"]) == ("D1", "D6")
+    assert summary["finetune_split"] == str(trained["root"] / "D1" / "finetune")
+    assert summary["created_by"] == " ".join(["ccmega", "evaluate", *args])
+    lat = summary["latency"]
+    assert (lat["context_tokens"], lat["memory_tokens"], lat["compression_ratio"], lat["weights"]) == (L, K, L / K, "trained")
+    assert summary["entropy_mean"] == {} and summary["correlations"] == {}
+    for line in (out / "samples.jsonl").read_text().splitlines():
+        assert strict_json(line)["entropy_encoder"] is None
+
+
+def test_latency_ratio_and_slots_can_be_chosen_and_a_bad_one_is_refused(megatron_world_of_one, tmp_path):
+    from ccmega.evaluation.evaluate import main
+
+    args = ["--latency", "--encoder-preset", "qwen3-tiny", "--decoder-preset", "qwen3-tiny", "--context-tokens", "64",
+            "--generate-tokens", "2", "--warmup", "0", "--repeats", "1", "--output-dir", str(tmp_path)]
+    assert main(args + ["--compression-ratio", "8"]) == 0
+    lat = strict_json((tmp_path / "latency_qwen3-tiny_qwen3-tiny_ctx64.json").read_text())["latency"]
+    assert (lat["memory_tokens"], lat["compression_ratio"]) == (8, 8.0)
+    assert main(args + ["--memory-tokens", "32"]) == 0
+    lat = strict_json((tmp_path / "latency_qwen3-tiny_qwen3-tiny_ctx64.json").read_text())["latency"]
+    assert (lat["memory_tokens"], lat["compression_ratio"]) == (32, 2.0)
+    with pytest.raises(ValueError, match="not a whole number of memory slots"):
+        main(args + ["--compression-ratio", "3"])

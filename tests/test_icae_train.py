@@ -64,7 +64,7 @@ def records(run_dir, kind="train"):
 @pytest.fixture(scope="module")
 def full_run(inputs):
     """The reference: one process, STEPS steps, checkpoints at SAVE_AT and at the end, validation at the end."""
-    from ccmega.training.icae_train import hash_checkpoint_files
+    from ccmega.models.icae_checkpoint import hash_checkpoint_files
 
     run_dir = str(inputs["dir"] / "run_full")
     dec_hash = hash_checkpoint_files(os.path.join(inputs["dec"], "checkpoints", "iter_0000001"))
@@ -92,7 +92,7 @@ def test_decoder_frozen_bytes_untouched_and_not_in_checkpoint(full_run, inputs):
     from torch.distributed.checkpoint import FileSystemReader
 
     from ccmega.training.checkpointing import read_checkpoint_metadata
-    from ccmega.training.icae_train import hash_checkpoint_files
+    from ccmega.models.icae_checkpoint import hash_checkpoint_files
 
     dec_iter = os.path.join(inputs["dec"], "checkpoints", "iter_0000001")
     assert hash_checkpoint_files(dec_iter) == full_run["decoder_hash_before"]
@@ -113,7 +113,7 @@ def test_load_icae_rebuilds_the_trained_model(full_run, inputs, megatron_world_o
     gives the validation loss the run logged."""
     from ccmega.training.checkpointing import read_checkpoint_metadata
     from ccmega.training.icae_data import ContextSamples
-    from ccmega.training.icae_train import decoder_params_sha256, load_icae
+    from ccmega.models.icae_checkpoint import decoder_params_sha256, load_icae
 
     model = load_icae(full_run["run_dir"])
     meta = read_checkpoint_metadata(full_run["run_dir"])
@@ -161,6 +161,66 @@ def test_parallel_layouts_match_one_process(layout, full_run, inputs, tmp_path):
     reference = [r["loss"] for r in records(full_run["run_dir"])[:3]]
     print(f"{layout}: max |loss - reference| = {max(abs(a - b) for a, b in zip(ours, reference)):.2e}")
     assert ours == pytest.approx(reference, abs=1e-5, rel=0)
+
+
+def _encoder_weights(checkpoint):
+    """{name: tensor} of an encoder: from an ICAE checkpoint (its trained encoder) or a pretraining one."""
+    from ccmega.models.icae_checkpoint import load_icae
+    from ccmega.models.qwen3 import build_model, transformer_config
+    from ccmega.presets import ModelPreset
+    from ccmega.training.checkpointing import load_model_weights, read_checkpoint_metadata
+
+    meta = read_checkpoint_metadata(checkpoint)
+    if "icae" in meta:
+        return {k: v.clone() for k, v in load_icae(checkpoint).encoder.state_dict().items() if "_extra_state" not in k}
+    preset = ModelPreset(**meta["model_preset"])
+    model = build_model(preset, transformer_config(preset))
+    load_model_weights(model, checkpoint)
+    return {k: v.clone() for k, v in model.state_dict().items() if "_extra_state" not in k}
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_encoder_starts_from_its_checkpoint(tp, inputs, tmp_path, megatron_world_of_one):
+    """One step at learning rate 0 leaves the ICAE's encoder exactly the pretraining checkpoint named by
+    --encoder (a random encoder differed by ~5e-2), at TP=1 and TP=2."""
+    run_dir = str(tmp_path / "lr0")
+    argv = args(inputs, run_dir, "--micro-batch-size", MBS, "--steps", 1, "--save-interval", 0)
+    argv[argv.index("--lr") + 1] = "0"
+    argv[argv.index("--warmup-steps") + 1] = "0"
+    argv += ["--set", "optim.min_lr=0", "--set", "optim.weight_decay=0"]
+    if tp == 1:
+        proc = cli(*argv)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    else:
+        torchrun("-m", 2, "ccmega.cli", "icae-train", *argv, "--tp", 2, "--micro-batch-size", MBS)
+    trained, pretrained = _encoder_weights(run_dir), _encoder_weights(inputs["enc"])
+    assert trained.keys() == pretrained.keys()
+    for name in pretrained:
+        torch.testing.assert_close(trained[name], pretrained[name], rtol=0, atol=0, msg=name)
+
+
+def test_the_encoder_flag_chooses_the_encoder(inputs, tmp_path, megatron_world_of_one):
+    """Two ICAEs that differ only in --encoder end with different encoders, each near its own start."""
+    from icae_fixtures import make_pretrain_checkpoint
+    from ccmega.presets import model_preset
+
+    other = str(inputs["dir"] / "enc_other")
+    if not os.path.isdir(other):
+        make_pretrain_checkpoint(other, model_preset("qwen3-tiny"), str(inputs["dir"] / "tok_a" / "tokenizer.json"),
+                                 seed=11)
+    runs = {}
+    for name, encoder in (("a", inputs["enc"]), ("b", other)):
+        run_dir = str(tmp_path / name)
+        argv = args(inputs, run_dir, "--micro-batch-size", MBS, "--steps", 2, "--save-interval", 0)
+        argv[argv.index("--encoder") + 1] = encoder
+        proc = cli(*argv)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        runs[name] = (_encoder_weights(run_dir), _encoder_weights(encoder))
+    (a, start_a), (b, start_b) = runs["a"], runs["b"]
+    gap = max((a[n] - b[n]).abs().max().item() for n in a)
+    drift = max(max((a[n] - start_a[n]).abs().max().item(), (b[n] - start_b[n]).abs().max().item()) for n in a)
+    print(f"max |encoder a - encoder b| = {gap:.3e}; max drift from its own checkpoint = {drift:.3e}")
+    assert gap > 10 * drift
 
 
 def test_refused_configurations(inputs, capsys):
@@ -235,7 +295,7 @@ def test_icae_export_compresses_for_hugging_face(full_run, megatron_world_of_one
     """`ccmega convert icae-export`: the exported HF compressor + decoder give the trained ICAE's losses."""
     from ccmega.convert.cli import icae_export
     from ccmega.convert.icae_hf import load_exported
-    from ccmega.training.icae_train import load_icae
+    from ccmega.models.icae_checkpoint import load_icae
 
     out = tmp_path / "export"
     result = icae_export(full_run["run_dir"], str(out), verify=True)

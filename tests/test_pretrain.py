@@ -242,7 +242,7 @@ def test_non_finite_loss_skips_the_update(megatron_world_of_one):
     from ccmega.models.qwen3 import build_model, transformer_config
     from ccmega.presets import model_preset
     from ccmega.training.engine import build_training_setup, gpt_forward_step, train_step
-    from ccmega.training.pretrain import SkipCounter
+    from ccmega.training.loop import SkipCounter
 
     preset = model_preset("qwen3-tiny")
     config = transformer_config(preset)
@@ -287,7 +287,7 @@ def test_fp8_is_refused_without_transformer_engine(tiny_data, tmp_path, capsys):
 def test_sbatch_pretrain_d6_1b_on_a_cpu_cluster(slurm_cluster, tiny_data, tmp_path):  # noqa: F811
     env = {"CCMEGA_CPU": "1", "STEPS": "4", "SAVE_INTERVAL": "2", "EVAL_INTERVAL": "2", "DATA_ROOT": tiny_data["root"],
            "TOKENIZER": tiny_data["tokenizer"], "OUTPUT_ROOT": str(tmp_path), "PYTHON": sys.executable,
-           "PYTHONWARNINGS": "ignore", "EXTRA_ARGS": "--set logging.eval_iters=1 --set data.split=90,10,0"}
+           "PYTHONWARNINGS": "ignore", "EXTRA_ARGS": "--warmup-steps 1 --set logging.eval_iters=1 --set data.split=90,10,0"}
     t0 = time.monotonic()
     rc, job_id = slurm_cluster.sbatch_wait(os.path.join(REPO, "slurm", "pretrain_d6_1b.sh"), env=env,
                                            args=["--nodes=1", "--ntasks=2", "--ntasks-per-node=2",

@@ -268,3 +268,48 @@ def test_paper_numbers_are_transcribed_from_paper_txt():
         assert (f"D{er}", es, f"D{dr}", ds, f"D{data}") == row.key
     assert paper_results.TABLE5_ORIGIN in lines and paper_results.TABLE5_RECONSTRUCTION in lines
     assert all(not math.isnan(r.f1) for r in paper_results.paper_rows())
+
+
+def _summary(enc, dec, metrics_seed=1.0, **extra) -> dict:
+    return {"encoder": {"preset": SIZES[enc[1]], "recipe": enc[0]}, "decoder": {"preset": SIZES[dec[1]], "recipe": dec[0]},
+            "metrics": _metrics(metrics_seed), **extra}
+
+
+def test_paper_numbers_only_where_finetune_and_test_data_both_match(tmp_path):
+    """Table 4's (D1 -> D6, D6 data) rows were fine-tuned on D6: a D1-fine-tuned ICAE tested on D6 is
+    not one of them, and is labelled with both distributions."""
+    enc, dec = ("D1", "500M"), ("D6", "500M")
+    (tmp_path / "cross.json").write_text(json.dumps(_summary(enc, dec, finetune_data="D1", test_data="D6")))
+    (tmp_path / "paper.json").write_text(json.dumps(_summary(enc, dec, 2.0, finetune_data="D6", test_data="d6")))
+    (tmp_path / "shorthand.json").write_text(json.dumps(_summary(enc, dec, 3.0, data="D1")))
+    runs = {r.path.name: r for r in report.collect_runs([str(tmp_path)])}
+    assert runs["cross.json"].data == "ft D1 / test D6" and runs["cross.json"].paper_row() is None
+    assert runs["paper.json"].paper_row() == paper_results.lookup("D1", "500M", "D6", "500M", "D6")
+    assert runs["shorthand.json"].paper_row() == paper_results.lookup("D1", "500M", "D6", "500M", "D1")
+    assert report.main([str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    rows = {tuple(r[:3]): r for r in _table_rows(_section((tmp_path / "out" / "report.md").read_text(), "Table 3"))}
+    assert rows[("LLM_D1(500M)", "LLM_D6(500M)", "ft D1 / test D6")][7:] == ["–"] * 3
+    assert rows[("LLM_D1(500M)", "LLM_D6(500M)", "D6")][7:] == ["46.28", "9.66", "45.48"]
+    (tmp_path / "half.json").write_text(json.dumps(_summary(enc, dec, finetune_data="D1")))
+    with pytest.raises(ValueError, match="has finetune_data but not test_data"):
+        report.load_summary(tmp_path / "half.json")
+
+
+def test_fig6_keeps_each_ratio_in_a_bar_of_its_own(tmp_path):
+    """The same pair timed at context 4096 with k = 1024 (r = 4) twice and with k = 128 (r = 32) once:
+    the two r = 4 records are averaged, the r = 32 one is not mixed in."""
+    enc, dec = ("D1", "500M"), ("D6", "500M")
+    records = [(1024, 0.10, 2.0), (1024, 0.20, 4.0), (128, 0.05, 1.0)]
+    for i, (k, comp, gen) in enumerate(records):
+        lat = {"context_tokens": 4096, "memory_tokens": k, "compression_s": comp, "generation_s": gen, "device": "H20"}
+        (tmp_path / f"s{i}.json").write_text(json.dumps(_summary(enc, dec, data="D1", latency=lat)))
+    bars = report.fig6_bars(report.collect_runs([str(tmp_path)]))
+    assert [(b["memory_tokens"], b["compression_ratio"], b["n"]) for b in bars] == [(128, 32.0, 1), (1024, 4.0, 2)]
+    assert bars[1]["compression_s"] == pytest.approx(0.15) and bars[1]["generation_s"] == pytest.approx(3.0)
+    assert bars[0]["generation_s"] == pytest.approx(1.0)
+    assert report.main([str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "Note: bars measured at L / k (r) = 4096 / 128 (r 32), not at the paper's r = 4" in text
+    assert [r[11] for r in _table_rows(_section(text, "Figs. 5 and 6"))] == ["4096 / 1024 (r 4)", "4096 / 1024 (r 4)",
+                                                                             "4096 / 128 (r 32)"]
+    _assert_png(tmp_path / "out" / "fig6_latency.png")

@@ -30,3 +30,20 @@ def test_slurm_variables():
 def test_plain_process_is_world_of_one():
     env = dist_env_from_environ({})
     assert (env.rank, env.world_size, env.local_rank) == (0, 1, 0)
+
+
+def test_session_refuses_another_layout_than_the_existing_groups(megatron_world_of_one):
+    """A command run inside an existing world (a test, the demo) must not silently train at TP 1 when it
+    asked for TP 2."""
+    import pytest
+
+    from ccmega import runtime
+
+    with pytest.raises(ValueError, match="already exist with TP 1 x PP 1; this command asked for TP 2 x PP 1"):
+        with runtime.session(2, 1):
+            pass
+    with runtime.session(1, 1) as env:  # the same layout is fine, and leaves the caller's group alive
+        assert env.world_size == 1
+    import torch
+
+    assert torch.distributed.is_initialized()

@@ -249,7 +249,7 @@ def icae_export(checkpoint: str, output: str, verify: bool = False, tolerance: f
     `ccmega.convert.icae_hf.load_exported`. --verify compares reconstruction losses of both sides."""
     from ccmega.convert.icae_hf import load_exported, save_export
     from ccmega.training.checkpointing import read_checkpoint_metadata
-    from ccmega.training.icae_train import load_icae
+    from ccmega.models.icae_checkpoint import load_icae
 
     start = time.time()
     meta = read_checkpoint_metadata(checkpoint)
@@ -271,7 +271,8 @@ def icae_export(checkpoint: str, output: str, verify: bool = False, tolerance: f
                         "decoder" if with_decoder else None)
             result = {"output": str(Path(output).resolve())}
             if verify:
-                result["max_abs_loss_diff"] = verify_icae(model, load_exported(str(tmp)), tolerance or FP32_TOLERANCE)
+                tol = FP32_TOLERANCE if tolerance is None else tolerance  # 0 is a tolerance (exact match)
+                result["max_abs_loss_diff"] = verify_icae(model, load_exported(str(tmp)), tol)
     log(f"icae-export: wrote {result['output']}{' (verified)' if verify else ''} in {time.time() - start:.1f}s")
     return result
 

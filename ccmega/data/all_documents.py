@@ -14,7 +14,7 @@ from ccmega.data.indexed_writer import IndexedDatasetWriter, token_dtype
 from ccmega.fileio import atomic_write_bytes
 from ccmega.data.pile_reader import InputError
 from ccmega.data.progress import Progress, format_seconds
-from ccmega.data.tokenize_stage import StageConfig, shard_batches, tokenize_batch
+from ccmega.data.tokenize_stage import StageConfig, add_counts, shard_batches, tokenize_batch
 from ccmega.data.workers import WorkerPool
 
 
@@ -28,7 +28,7 @@ def write_all_documents(shards: list[Path], out: Path, tokenizer: dict, args, st
     prefix.parent.mkdir(parents=True, exist_ok=True)
     total = sum(p.stat().st_size for p in shards) or 1
     progress = Progress("tokenize", enabled=not args.quiet)
-    tokens_written, errors, done = 0, [], 0
+    tokens_written, errors, empty, done = 0, [], {}, 0
     with IndexedDatasetWriter(prefix, dtype) as writer:
         for shard in shards:
             position = [0]
@@ -38,6 +38,7 @@ def write_all_documents(shards: list[Path], out: Path, tokenizer: dict, args, st
                     error = result["errors"][0]
                     raise InputError(error["file"], error["line"], error["reason"])
                 errors += result["errors"]
+                add_counts(empty, result["empty"])
                 ends = np.cumsum(result["docs"]["ntokens"])
                 for start, end in zip(ends - result["docs"]["ntokens"], ends):
                     writer.add_document(np.concatenate([result["tokens"][start:end], eod]))
@@ -48,7 +49,7 @@ def write_all_documents(shards: list[Path], out: Path, tokenizer: dict, args, st
     progress.close()
     manifest = {"recipe": "all", "split": "pretrain", "documents": writer.num_documents, "tokens": tokens_written,
                 "tokenizer": tokenizer, "inputs": [{"path": str(p), "bytes": p.stat().st_size} for p in shards],
-                "errors_skipped": errors, "elapsed_seconds": round(time.monotonic() - started, 3)}
+                "empty_documents": empty, "errors_skipped": errors, "elapsed_seconds": round(time.monotonic() - started, 3)}
     atomic_write_bytes(prefix.with_suffix(".manifest.json"), json.dumps(manifest, indent=1).encode())
     print(f"ccmega preprocess: {writer.num_documents:,} documents, {tokens_written:,} tokens "
           f"in {format_seconds(time.monotonic() - started)} -> {prefix}.bin/.idx", file=sys.stderr)

@@ -2,8 +2,10 @@
 
 Pretraining corpus of a recipe: per Pile subset, pretraining-split documents are taken in a seeded
 pseudo-random order until the subset's token quota (EOD included) is met; the last document taken is
-cut so that the quota is met exactly. The documents of all subsets are then written in one seeded
-order, each followed by EOD. Because every recipe draws in the same order, the Pile-CC documents of
+cut so that the quota is met exactly. A subset with fewer tokens than its quota is either taken again,
+whole documents in a new seeded order each pass (`--scarce-subset repeat`), or the recipe shrinks to
+what the input covers (`shrink`); see ccmega/data/budget.py. The documents of all subsets are then
+written in one seeded order (repeats spread over the whole corpus), each followed by EOD. Because every recipe draws in the same order, the Pile-CC documents of
 D(k+1) are a subset of those of D(k).
 
 Held-out splits: every document of the split is cut into consecutive windows of `context_tokens`
@@ -19,7 +21,7 @@ import numpy as np
 
 from ccmega.data.indexed_writer import IndexedDatasetWriter
 from ccmega.data.mixture import affordable_total, largest_remainder
-from ccmega.data.splits import PRETRAIN, order_keys
+from ccmega.data.splits import PRETRAIN, epoch_keys, order_keys
 from ccmega.data.tokenize_stage import Part
 
 SOURCE_DTYPE = np.dtype([("digest", "S16"), ("subset", "u1"), ("start", "<i8"), ("ntokens", "<i8")])
@@ -74,14 +76,23 @@ class Selection:
 
 def select_pretrain(table: DocTable, subset: int, quota: int) -> tuple[Selection, int]:
     """Documents of `subset` drawn in key order until `quota` tokens (EOD included); returns the
-    selection and the number of documents cut short (0 or 1)."""
+    selection and the number of documents cut short (0 or 1). When the subset holds fewer tokens than
+    `quota`, further passes follow, each a new seeded order of the same (pretraining) documents."""
     if quota <= 0:
         return Selection(*(np.zeros(0, np.int64) for _ in range(4))), 0
     candidates = np.flatnonzero((table.docs["split"] == PRETRAIN) & (table.docs["subset"] == subset))
-    candidates = candidates[np.argsort(table.key[candidates], kind="stable")]
+    supply = int((table.docs["ntokens"][candidates] + 1).sum())
+    passes = max(1, -(-quota // supply)) if supply else 1
+    order, keys = [], []
+    for epoch in range(passes):
+        epoch_key = table.key[candidates] if epoch == 0 else epoch_keys(table.key[candidates], epoch)
+        ranked = np.argsort(epoch_key, kind="stable")
+        order.append(candidates[ranked])
+        keys.append(epoch_key[ranked])
+    candidates, keys = np.concatenate(order), np.concatenate(keys)
     cumulative = np.cumsum(table.docs["ntokens"][candidates] + 1)
     last = int(np.searchsorted(cumulative, quota))  # first document reaching the quota
-    chosen = candidates[:last + 1]
+    chosen, keys = candidates[:last + 1], keys[:last + 1]
     counts = table.docs["ntokens"][chosen].astype(np.int64)
     before = int(cumulative[last - 1]) if last > 0 else 0
     truncated = 0
@@ -89,8 +100,8 @@ def select_pretrain(table: DocTable, subset: int, quota: int) -> tuple[Selection
         counts[-1] = quota - before - 1  # keep quota - before tokens: the text part plus its EOD
         truncated = 1
         if counts[-1] == 0:  # no text left for it: drop it (the quota ends 1 token short)
-            chosen, counts, truncated = chosen[:-1], counts[:-1], 0
-    return Selection(chosen, np.zeros(len(chosen), np.int64), counts, table.key[chosen]), truncated
+            chosen, keys, counts, truncated = chosen[:-1], keys[:-1], counts[:-1], 0
+    return Selection(chosen, np.zeros(len(chosen), np.int64), counts, keys), truncated
 
 
 def heldout_windows(table: DocTable, split: int, subset: int, context: int, seed: int) -> Selection:
@@ -114,21 +125,37 @@ def pretrain_supply(table: DocTable, subset: int) -> int:
     return int((table.docs["ntokens"][mask] + 1).sum())
 
 
-def plan_pretrain(table: DocTable, shares: dict[int, float], budget: int) -> tuple[Selection, dict]:
+def _scarce(supply: dict[int, int], quotas: dict[int, int]) -> dict[int, dict]:
+    return {s: {"available": supply[s], "needed": q} for s, q in quotas.items() if supply[s] < q}
+
+
+def plan_pretrain(table: DocTable, shares: dict[int, float], budget: int,
+                  max_epochs: float) -> tuple[Selection, dict]:
+    """The pretraining selection at the recipe's shares. Subsets short of their quotas are taken for
+    more than one epoch when each has documents and needs at most `max_epochs` (0: never repeat);
+    otherwise the whole recipe shrinks to what the input covers (`plan["repeated"]` says which)."""
     supply = {s: pretrain_supply(table, s) for s in shares}
-    total, limited_by = affordable_total(budget, shares, supply)
+    shrink_total, limited_by = affordable_total(budget, shares, supply)
+    scarce = _scarce(supply, largest_remainder(budget, shares))
+    repeating = bool(scarce) and all(0 < info["needed"] <= max_epochs * info["available"]
+                                     for info in scarce.values())
+    total = budget if repeating or not scarce else shrink_total
     quotas = largest_remainder(total, shares)
     pieces, truncated = [], {}
     for subset, quota in quotas.items():
         selection, truncated[subset] = select_pretrain(table, subset, quota)
         pieces.append(selection)
-    plan = {"requested_tokens": budget, "planned_tokens": total, "limited_by": limited_by,
-            "quotas": quotas, "truncated_documents": truncated, "supply_tokens": supply}
+    plan = {"requested_tokens": budget, "planned_tokens": total, "shortfall_tokens": budget - total,
+            "shrink_tokens": shrink_total, "limited_by": limited_by,
+            "quotas": quotas, "truncated_documents": truncated, "supply_tokens": supply,
+            "epochs": {s: round(quotas[s] / supply[s], 6) if supply[s] else 0.0 for s in quotas},
+            "scarce": scarce, "repeated": repeating}
     return Selection.concat(pieces), plan
 
 
 def plan_heldout(table: DocTable, shares: dict[int, float], split: int, samples: int, context: int,
                  seed: int) -> tuple[Selection, dict]:
+    """Held-out windows at the recipe's shares; never repeated, so a scarce subset shrinks the set."""
     supply = {s: window_supply(table, split, s, context) for s in shares}
     total, limited_by = affordable_total(samples, shares, supply)
     counts = largest_remainder(total, shares)
@@ -137,8 +164,9 @@ def plan_heldout(table: DocTable, shares: dict[int, float], split: int, samples:
         windows = heldout_windows(table, split, subset, context, seed)
         pieces.append(Selection(windows.index[:count], windows.start[:count], windows.count[:count],
                                 windows.key[:count]))
-    plan = {"requested_samples": samples, "planned_samples": total, "limited_by": limited_by,
-            "quotas": counts, "supply_windows": supply}
+    plan = {"requested_samples": samples, "planned_samples": total, "shortfall_samples": samples - total,
+            "limited_by": limited_by, "quotas": counts, "supply_windows": supply,
+            "scarce": _scarce(supply, largest_remainder(samples, shares))}
     return Selection.concat(pieces), plan
 
 

@@ -98,10 +98,12 @@ class Document:
     text: str
     subset: str
     utf8: bytes  # the text's UTF-8 bytes: what the split hash is taken over
+    empty: bool = False  # no non-whitespace character: The Pile has such records; callers skip and count them
 
 
 def parse_record(raw: bytes, path: str, line: int, wanted: frozenset[str] | None) -> Document | str:
-    """A Document, or the subset name (str) of a well-formed record that is not wanted."""
+    """A Document (possibly `empty`), or the subset name (str) of a well-formed record that is not wanted.
+    Corrupt input raises InputError; an empty text is valid input, not an error."""
     try:
         record = json.loads(raw)
     except UnicodeDecodeError as exc:
@@ -124,7 +126,7 @@ def parse_record(raw: bytes, path: str, line: int, wanted: frozenset[str] | None
     if not isinstance(text, str):
         raise InputError(path, line, f"field 'text' is {type(text).__name__}, not a string")
     if not text.strip():
-        raise InputError(path, line, "empty document (field 'text' has no non-whitespace character)")
+        return Document("", subset, b"", empty=True)
     try:
         utf8 = text.encode("utf-8")
     except UnicodeEncodeError as exc:

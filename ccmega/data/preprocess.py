@@ -2,7 +2,9 @@
 
 Output: OUT/<recipe>/<split>.bin/.idx (megatron-core indexed dataset), <split>.sources.npy (the
 source document digest, subset and token range of every sequence) and <split>.manifest.json, written
-last: an output whose manifest exists is complete. See docs/data.md.
+last: an output whose manifest exists is complete. A subset too small for its share of the budget
+is repeated for more epochs (--scarce-subset repeat, the default; or shrink, fail); empty documents are
+counted and skipped; text that spells a special token is tokenized as text. See docs/data.md.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -18,11 +21,13 @@ from pathlib import Path
 import numpy as np
 
 from ccmega.data.indexed_writer import IndexedDatasetWriter, token_dtype
+from ccmega.data.budget import DEFAULT_SCARCE, SCARCE_CHOICES, manifest_path, scarcity_message
 from ccmega.fileio import atomic_write_bytes
 from ccmega.data.pile_reader import InputError, list_shards
 from ccmega.data.progress import Progress, format_seconds
+from ccmega.data.random_text import ALPHABETS, DEFAULT_ALPHABET
 from ccmega.data.splits import FINETUNE, SPLIT_NAMES, TEST
-from ccmega.data.tokenizers import resolve_tokenizer_path, tokenizer_summary
+from ccmega.data.tokenizers import TEXT_RULE, resolve_tokenizer_path, tokenizer_summary
 from ccmega.data.units import parse_count
 from ccmega.data.workers import WorkerPool
 from ccmega.presets import DATASET_RECIPES, PILE_SUBSETS, DatasetRecipe, dataset_recipe
@@ -40,6 +45,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated recipes (default: %(default)s)")
     p.add_argument("--tokens-per-dataset", default="50B", help="pretraining tokens per recipe, EOD included "
                    "(suffixes k/M/B/T; default %(default)s as in the paper)")
+    p.add_argument("--scarce-subset", choices=SCARCE_CHOICES, default=DEFAULT_SCARCE,
+                   help="when a subset has fewer pretraining tokens than its share of the budget (e.g. DM "
+                        "Mathematics in D5/D6 at 50B): repeat = take further epochs over its documents "
+                        "(whole documents, seeded order; keeps the budget and the shares; The Pile itself "
+                        "takes DM Mathematics twice), shrink = scale the recipe down to what the input "
+                        "covers, fail = stop. Every case is reported, and recorded in the manifest "
+                        "(plan.epochs, plan.shortfall_tokens). Held-out sets never repeat; they shrink, "
+                        "or stop with fail (default: %(default)s)")
+    p.add_argument("--max-epochs", type=float, default=3.0,
+                   help="repeat: the most epochs a scarce subset may take; beyond, stop and say so (default "
+                        "%(default)s, The Pile's own most: it takes Wikipedia 3 times, DM Mathematics twice)")
+    p.add_argument("--random-alphabet", choices=sorted(ALPHABETS), default=DEFAULT_ALPHABET,
+                   help="characters of the random-text corpus (recipe random): the paper says letters + "
+                        "punctuation in §4.2/Table 5 and alphanumerics + punctuation in §4.6, and its Table 5 "
+                        "reconstruction is full of digits; docs/data.md (default: %(default)s)")
     p.add_argument("--finetune-samples", default="100k", help="ICAE fine-tuning samples (default %(default)s)")
     p.add_argument("--test-samples", default="10k", help="ICAE test samples (default %(default)s)")
     p.add_argument("--context-tokens", type=int, default=512, help="tokens per held-out sample (ICAE L)")
@@ -54,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for tokenizer.json: gigatoken (fast) when importable, else tokenizers")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizing processes (0: inline)")
     p.add_argument("--on-error", choices=["fail", "skip"], default="fail",
-                   help="bad input line: stop with file:line (fail), or skip it and record it (skip)")
+                   help="bad input line: stop with file:line (fail), or skip it and record it (skip); empty "
+                        "documents are not errors: they are always skipped and counted")
     p.add_argument("--part-mb", type=float, default=256.0,
                    help="JSON megabytes per resumable part (default %(default)s)")
     p.add_argument("--keep-cache", action="store_true", help="keep the tokenized parts (OUT/.cache) afterwards")
@@ -66,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.command_line = shlex.join(["ccmega", "preprocess", *argv])  # the manifests' created_by
     try:
         return run(args)
     except (InputError, FileNotFoundError, ValueError, KeyError) as exc:
@@ -124,11 +147,16 @@ class Context:
         return {"tokens_per_dataset": self.budget, "finetune_samples": self.samples[FINETUNE],
                 "test_samples": self.samples[TEST], "context_tokens": a.context_tokens,
                 "finetune_fraction": a.finetune_fraction, "test_fraction": a.test_fraction, "seed": a.seed,
-                "on_error": a.on_error, "part_mb": a.part_mb, "token_dtype": self.dtype}
+                "on_error": a.on_error, "part_mb": a.part_mb, "token_dtype": self.dtype,
+                "scarce_subset": a.scarce_subset, "max_epochs": a.max_epochs, "random_alphabet": a.random_alphabet}
 
     def output_key(self, recipe: str, split: str) -> str:
-        """Identifies an output's recipe; an existing output with the same key is complete and reused."""
-        blob = json.dumps([recipe, split, self.settings(), self.tokenizer["identity"], self.inputs],
+        """Identifies an output's recipe; an existing output with the same key is complete and reused.
+        A setting that cannot change the output stays out of its key (a new --random-alphabet must not
+        rebuild D1..D6, whose tokenized parts may be gone)."""
+        unused = ("scarce_subset", "max_epochs") if recipe == "random" else ("random_alphabet",)
+        settings = {k: v for k, v in self.settings().items() if k not in unused}
+        blob = json.dumps([recipe, split, settings, self.tokenizer["identity"], TEXT_RULE, self.inputs],
                           sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -139,7 +167,7 @@ class Context:
 
     def is_complete(self, recipe: str, split: str) -> bool:
         prefix = self.prefix(recipe, split)
-        manifest = prefix.with_suffix(".manifest.json")
+        manifest = manifest_path(prefix)
         if not (manifest.exists() and prefix.with_suffix(".bin").exists() and prefix.with_suffix(".idx").exists()):
             return False
         return json.loads(manifest.read_text()).get("output_key") == self.output_key(recipe, split)
@@ -153,9 +181,9 @@ class Context:
             "tokenize": self.tokenize_stats,
             "elapsed_seconds": round(time.monotonic() - self.started, 3),
             "output_key": self.output_key(recipe.name, split),
-            "created_by": "ccmega preprocess " + " ".join(sys.argv[1:]),
+            "created_by": self.args.command_line,
         }
-        path = prefix.with_suffix(".manifest.json")
+        path = manifest_path(prefix)
         atomic_write_bytes(path, json.dumps(manifest, indent=1).encode())
         return path
 
@@ -167,7 +195,8 @@ class Context:
         print(f"ccmega preprocess: {len(written)} outputs ({fresh} written, {len(written) - fresh} already "
               f"complete), {tokens:,} tokens in outputs; tokenized {stats.get('documents', 0):,} documents / "
               f"{stats.get('tokens', 0):,} tokens; skipped {sum(stats.get('skipped_subsets', {}).values()):,} "
-              f"other-subset and {len(stats.get('errors_skipped', [])):,} bad lines; "
+              f"other-subset documents, {sum(stats.get('empty_documents', {}).values()):,} empty documents and "
+              f"{len(stats.get('errors_skipped', [])):,} bad lines; "
               f"{format_seconds(elapsed)} -> {self.out}", file=sys.stderr)
 
 
@@ -198,34 +227,47 @@ def build_pile_recipes(ctx: Context, recipes: list[DatasetRecipe], pool: WorkerP
     parts, exhausted = tokenize_parts(ctx.shards, config, cache_dir, needs, pool, not a.quiet)
     ctx.tokenize_stats = _tokenize_stats(parts, exhausted, time.monotonic() - tokenize_started)
     table = DocTable.build(parts, a.seed)
-    written = []
+    # Plan every output before writing any: a refused recipe (--scarce-subset fail) leaves nothing half-built.
+    jobs = []
     for recipe in recipes:
         shares = {index_of[name]: share for name, share in recipe.shares().items()}
         for split_id, split in enumerate(SPLIT_NAMES):
             if ctx.is_complete(recipe.name, split):
-                written.append((recipe.name, split, _tokens_of(ctx, recipe.name, split), False))
+                jobs.append((recipe, split, None, None))
                 continue
             if split_id == 0:
-                selection, plan = plan_pretrain(table, shares, ctx.budget)
-                eod = ctx.tokenizer["eod_id"]
+                selection, plan = plan_pretrain(table, shares, ctx.budget,
+                                                a.max_epochs if a.scarce_subset == "repeat" else 0)
             else:
                 selection, plan = plan_heldout(table, shares, split_id, ctx.samples[split_id], a.context_tokens,
                                                a.seed)
-                eod = None
-            plan = {k: ({subsets[s]: v for s, v in val.items()} if isinstance(val, dict) else
-                        (subsets[val] if k == "limited_by" and val is not None else val))
-                    for k, val in plan.items()}
-            _warn_if_short(recipe.name, split, plan)
-            progress = Progress(f"write {recipe.name}/{split}", enabled=not a.quiet)
-            prefix = ctx.prefix(recipe.name, split)
-            sources = write_selection(table, selection, prefix, np.dtype(ctx.dtype), eod, progress)
-            progress.close()
-            atomic_write_bytes(prefix.with_suffix(".sources.npy"), _npy(sources))
-            body = _composition(sources, subsets, recipe, eod is not None)
-            body["plan"] = plan
-            ctx.write_manifest(recipe, split, body)
-            written.append((recipe.name, split, body["tokens"], True))
+            plan = _named(plan, subsets)
+            plan["scarce_subset"] = a.scarce_subset
+            _report_scarcity(f"{recipe.name}/{split}", plan, a.scarce_subset, a.max_epochs)
+            jobs.append((recipe, split, selection, plan))
+    written = []
+    for recipe, split, selection, plan in jobs:
+        if selection is None:
+            written.append((recipe.name, split, _tokens_of(ctx, recipe.name, split), False))
+            continue
+        eod = ctx.tokenizer["eod_id"] if split == SPLIT_NAMES[0] else None
+        progress = Progress(f"write {recipe.name}/{split}", enabled=not a.quiet)
+        prefix = ctx.prefix(recipe.name, split)
+        sources = write_selection(table, selection, prefix, np.dtype(ctx.dtype), eod, progress)
+        progress.close()
+        atomic_write_bytes(prefix.with_suffix(".sources.npy"), _npy(sources))
+        body = _composition(sources, subsets, recipe, eod is not None)
+        body["plan"] = plan
+        ctx.write_manifest(recipe, split, body)
+        written.append((recipe.name, split, body["tokens"], True))
     return written
+
+
+def _named(plan: dict, subsets) -> dict:
+    """The plan with subset codes replaced by subset names (in its per-subset maps and `limited_by`)."""
+    return {k: ({subsets[s]: v for s, v in val.items()} if isinstance(val, dict) else
+                (subsets[val] if k == "limited_by" and val is not None else val))
+            for k, val in plan.items()}
 
 
 def _composition(sources: np.ndarray, subsets, recipe: DatasetRecipe, with_eod: bool) -> dict:
@@ -248,32 +290,53 @@ def _composition(sources: np.ndarray, subsets, recipe: DatasetRecipe, with_eod: 
 
 
 def _tokenize_stats(parts, exhausted: bool, seconds: float) -> dict:
+    from ccmega.data.tokenize_stage import add_counts
+
     skipped: dict[str, int] = {}
+    empty: dict[str, int] = {}
     errors = []
     for part in parts:
-        for name, count in part.summary["skipped_subsets"].items():
-            skipped[name] = skipped.get(name, 0) + count
+        add_counts(skipped, part.summary["skipped_subsets"])
+        add_counts(empty, part.summary["empty_documents"])
         errors += part.summary["errors"]
     tokens = int(sum(int(p.docs["ntokens"].sum()) for p in parts))
     return {"parts_read": len(parts), "input_exhausted": exhausted,
             "lines": sum(p.summary["lines"] for p in parts), "json_bytes": sum(p.summary["bytes"] for p in parts),
             "documents": int(sum(len(p.docs) for p in parts)), "tokens": tokens,
             "seconds_this_run": round(seconds, 3),
-            "skipped_subsets": skipped, "errors_skipped": errors}
+            "skipped_subsets": skipped, "empty_documents": empty, "errors_skipped": errors}
 
 
-def _warn_if_short(recipe: str, split: str, plan: dict) -> None:
-    requested = plan.get("requested_tokens", plan.get("requested_samples"))
-    planned = plan.get("planned_tokens", plan.get("planned_samples"))
-    if planned < requested:
-        unit = "tokens" if "requested_tokens" in plan else "samples"
-        print(f"ccmega preprocess: warning: {recipe}/{split}: the input covers {planned:,} of {requested:,} "
-              f"{unit} at the recipe's shares (limited by {plan['limited_by']}); writing "
-              f"{planned:,}", file=sys.stderr)
+def _repeat_blocker(scarce: dict[str, dict], max_epochs: float) -> str | None:
+    """Why the scarce subsets cannot be repeated (plan_pretrain's rule, in words), or None."""
+    reasons = [f"{name!r} has no pretraining documents" if not info["available"] else
+               f"{name!r} would need {info['needed'] / info['available']:.2f} epochs, over --max-epochs {max_epochs:g}"
+               for name, info in scarce.items()
+               if not info["available"] or info["needed"] > max_epochs * info["available"]]
+    return "; ".join(reasons) or None
+
+
+def _report_scarcity(where: str, plan: dict, choice: str, max_epochs: float) -> None:
+    """Warn loudly when a subset is short of its quota (repeat, shrink), or stop (fail; repeat without
+    documents to repeat): every message names the subset, what exists and what is needed."""
+    if not plan["scarce"]:
+        return
+    if "requested_tokens" in plan:
+        unit, requested, shrunk = "pretraining tokens", plan["requested_tokens"], plan["shrink_tokens"]
+        blocker = _repeat_blocker(plan["scarce"], max_epochs)
+        action = "fail" if choice == "fail" or (choice == "repeat" and blocker) else choice
+    else:
+        unit, requested, shrunk = "held-out windows", plan["requested_samples"], plan["planned_samples"]
+        blocker = "held-out samples are never repeated"
+        action = "fail" if choice == "fail" else "shrink"
+    message = scarcity_message(where, unit, requested, plan["scarce"], shrunk, choice, action, blocker)
+    if action == "fail":
+        raise ValueError(message)
+    print(f"ccmega preprocess: WARNING: {message}", file=sys.stderr)
 
 
 def _tokens_of(ctx: Context, recipe: str, split: str) -> int:
-    return json.loads(ctx.prefix(recipe, split).with_suffix(".manifest.json").read_text())["tokens"]
+    return json.loads(manifest_path(ctx.prefix(recipe, split)).read_text())["tokens"]
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -295,10 +358,11 @@ def build_random_recipe(ctx: Context, pool: WorkerPool) -> list:
             written.append((recipe.name, split, _tokens_of(ctx, recipe.name, split), False))
             continue
         if split_id == 0:
-            sequences = random_pretrain(pool, a.seed, ctx.budget, ctx.tokenizer["eod_id"], ctx.dtype)
+            sequences = random_pretrain(pool, a.seed, a.random_alphabet, ctx.budget, ctx.tokenizer["eod_id"],
+                                        ctx.dtype)
         else:
-            sequences = random_windows(pool, a.seed, split_id, ctx.samples[split_id], a.context_tokens,
-                                       ctx.dtype)
+            sequences = random_windows(pool, a.seed, a.random_alphabet, split_id, ctx.samples[split_id],
+                                       a.context_tokens, ctx.dtype)
         progress = Progress(f"write random/{split}", enabled=not a.quiet)
         tokens = 0
         with IndexedDatasetWriter(ctx.prefix(recipe.name, split), ctx.dtype) as writer:
@@ -308,7 +372,8 @@ def build_random_recipe(ctx: Context, pool: WorkerPool) -> list:
                 progress.update(docs=1, tokens=seq.size)
         progress.close()
         body = {"tokens": tokens, "sequences": writer.num_documents, "eod_appended": split_id == 0,
-                "alphabet": "ASCII letters + punctuation", "stream": split_id}
+                "alphabet": a.random_alphabet, "alphabet_characters": ALPHABETS[a.random_alphabet],
+                "stream": split_id}
         ctx.write_manifest(recipe, split, body)
         written.append((recipe.name, split, tokens, True))
     return written

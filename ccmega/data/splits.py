@@ -3,7 +3,8 @@
 A document's split follows from the SHA-256 of its UTF-8 text alone (no seed, no recipe, no position),
 so identical documents land in the same split in every recipe and every run: the held-out sets are
 disjoint from every pretraining corpus by construction. The first 8 digest bytes pick the split; the
-next 8, mixed with the seed, give the order in which documents are drawn (independent of the split).
+next 8, mixed with the seed, give the order in which documents are drawn (independent of the split);
+a further pass over a scarce subset re-mixes those keys with the pass number.
 """
 from __future__ import annotations
 
@@ -49,3 +50,9 @@ def order_keys(digests: np.ndarray, seed: int, salt: np.ndarray | int = 0) -> np
     seed_mix = _splitmix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))[0]
     salt = _splitmix64(np.asarray(salt, dtype=np.uint64) ^ np.uint64(0x632BE59BD9B4E019))
     return _splitmix64(low.astype(np.uint64) ^ seed_mix ^ salt)
+
+
+def epoch_keys(keys: np.ndarray, epoch: int) -> np.ndarray:
+    """Draw keys for a further pass (`epoch` >= 1) over documents whose first-pass keys are `keys`: a new
+    seeded order each pass, so that the repeats of a scarce subset spread over the corpus."""
+    return _splitmix64(np.asarray(keys, dtype=np.uint64) ^ _splitmix64(np.array([epoch], dtype=np.uint64))[0])

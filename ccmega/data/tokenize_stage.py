@@ -23,10 +23,13 @@ from ccmega.fileio import atomic_write_bytes
 from ccmega.data.pile_reader import InputError, iter_lines, parse_record
 from ccmega.data.progress import Progress
 from ccmega.data.splits import DIGEST_BYTES, PRETRAIN, split_of, text_digest
+from ccmega.data.tokenizers import TEXT_RULE
 from ccmega.data.workers import WorkerPool, worker_tokenizer
 
 DOC_DTYPE = np.dtype([("line", "<i8"), ("subset", "u1"), ("split", "u1"),
                       ("digest", f"S{DIGEST_BYTES}"), ("ntokens", "<i8")])
+# 2: empty documents are counted ("empty_documents"), not errors; text is tokenized as text (TEXT_RULE).
+PART_FORMAT = 2
 BATCH_BYTES = 1 << 20  # JSON bytes per task sent to a worker; a bigger line travels alone
 
 
@@ -42,8 +45,9 @@ class StageConfig:
     token_dtype: str
 
     def cache_key(self, tokenizer_identity: str) -> str:
-        """Parts are valid only for the same tokenizer file and splitting settings."""
-        fields = dict(self.__dict__, tokenizer_path=None, tokenizer_identity=tokenizer_identity)
+        """Parts are valid only for the same tokenizer file and rules, splitting settings and part format."""
+        fields = dict(self.__dict__, tokenizer_path=None, tokenizer_identity=tokenizer_identity,
+                      text_rule=TEXT_RULE, part_format=PART_FORMAT)
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -94,7 +98,7 @@ def tokenize_batch(path: str, lines: list[tuple[int, bytes]], config: StageConfi
     tokenizer = worker_tokenizer()
     wanted = frozenset(config.subsets) if config.subsets is not None else None
     dtype = np.dtype(config.token_dtype)
-    rows, arrays, skipped, errors, nbytes = [], [], {}, [], 0
+    rows, arrays, skipped, empty, errors, nbytes = [], [], {}, {}, [], 0
     for line_no, raw in lines:
         nbytes += len(raw) + 1
         try:
@@ -107,6 +111,9 @@ def tokenize_batch(path: str, lines: list[tuple[int, bytes]], config: StageConfi
         if isinstance(doc, str):
             skipped[doc] = skipped.get(doc, 0) + 1
             continue
+        if doc.empty:
+            empty[doc.subset] = empty.get(doc.subset, 0) + 1
+            continue
         digest = text_digest(doc.utf8)
         tokens = tokenizer.encode_array(doc.text).astype(dtype, copy=False)
         code = config.subsets.index(doc.subset) if config.subsets is not None else 255
@@ -115,7 +122,7 @@ def tokenize_batch(path: str, lines: list[tuple[int, bytes]], config: StageConfi
         arrays.append(tokens)
         del doc
     tokens = np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)
-    return {"docs": np.array(rows, dtype=DOC_DTYPE), "tokens": tokens, "skipped": skipped,
+    return {"docs": np.array(rows, dtype=DOC_DTYPE), "tokens": tokens, "skipped": skipped, "empty": empty,
             "errors": errors, "lines": len(lines), "bytes": nbytes}
 
 
@@ -166,14 +173,14 @@ def _write_part(stem: Path, shard: Path, index: int, results: Iterator[dict], su
     """Consume one part's results, streaming tokens to disk; commit atomically or raise."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     tokens_tmp = temp_path(stem.with_suffix(".tokens"))
-    docs, skipped, errors, lines, nbytes = [], {}, [], 0, 0
+    docs, skipped, empty, errors, lines, nbytes = [], {}, {}, [], 0, 0
     try:
         with open(tokens_tmp, "wb") as out:
             for result in results:
                 docs.append(result["docs"])
                 out.write(result["tokens"].tobytes())
-                for name, count in result["skipped"].items():
-                    skipped[name] = skipped.get(name, 0) + count
+                add_counts(skipped, result["skipped"])
+                add_counts(empty, result["empty"])
                 errors += result["errors"]
                 lines += result["lines"]
                 nbytes += result["bytes"]
@@ -187,13 +194,20 @@ def _write_part(stem: Path, shard: Path, index: int, results: Iterator[dict], su
         "shard": str(shard), "part": index, "lines": lines, "bytes": nbytes, "documents": int(len(table)),
         "tokens_by_subset": {subsets[s]: int(table["ntokens"][table["subset"] == s].sum())
                              for s in range(len(subsets))},
-        "skipped_subsets": skipped, "errors": errors,
+        "skipped_subsets": skipped, "empty_documents": empty, "errors": errors,
     }
     buffer = _npy_bytes(table)
     atomic_write_bytes(stem.with_suffix(".docs.npy"), buffer)
     os.replace(tokens_tmp, stem.with_suffix(".tokens"))
     atomic_write_bytes(stem.with_suffix(".json"), json.dumps(summary, indent=1).encode())
     return Part(stem, summary, table)
+
+
+def add_counts(total: dict[str, int], more: dict[str, int]) -> dict[str, int]:
+    """Add per-name counts into `total` (and return it)."""
+    for name, count in more.items():
+        total[name] = total.get(name, 0) + count
+    return total
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:

@@ -1,5 +1,8 @@
 """Tokenizers behind one small interface: Qwen3 (Hugging Face tokenizer.json) and SentencePiece.
 
+Document text is always tokenized as text: a Pile document quoting `<|endoftext|>` or `<|im_start|>`
+gets the tokens of those characters, never the control ids (`TEXT_RULE`, part of every cache key).
+
 Only tokenizer libraries are imported here (never torch or megatron) so that preprocessing workers
 start in well under a second. For tokenizer.json files, GigaToken's Rust BPE is the fast backend
 (token-identical to `tokenizers` on Qwen3, asserted in the tests); `tokenizers` is the fallback.
@@ -13,6 +16,8 @@ import os
 from pathlib import Path
 
 QWEN3_EOD_TOKEN_TEXT = "<|endoftext|>"
+# How text becomes ids, beyond the tokenizer file: caches keyed on it are rebuilt when it changes.
+TEXT_RULE = "added-tokens-as-text"
 # End-of-document candidates, most specific first, for tokenizer.json files other than Qwen3's.
 _EOD_CANDIDATES = (QWEN3_EOD_TOKEN_TEXT, "</s>", "<eos>", "<|end_of_text|>", "<eod>")
 
@@ -38,22 +43,21 @@ def _sha256(path: Path) -> str:
 
 
 class HFTokenizer:
-    """A Hugging Face tokenizer.json (Qwen3 by default)."""
+    """A Hugging Face tokenizer.json (Qwen3 by default).
+
+    Text is encoded by the BPE model alone: the file's added tokens (`<|endoftext|>`, `<|im_start|>`,
+    `<think>`, ...) are never matched inside text, so a document that quotes one gets the tokens of
+    its characters and the EOD id appears only where preprocessing appends it. Decoding knows every id."""
 
     def __init__(self, path: Path, backend: str = "auto"):
         self.path = path
         self.identity = _sha256(path)
-        data = path.read_bytes()
-        config = json.loads(data)
-        specials = {t["content"]: t["id"] for t in config.get("added_tokens", [])}
-        eod = next((name for name in _EOD_CANDIDATES if name in specials), None)
-        if eod is None:
-            raise ValueError(f"{path}: no end-of-document token among added_tokens (looked for "
-                             f"{', '.join(_EOD_CANDIDATES)})")
-        self.eod_id = specials[eod]
-        self.backend, self._encode_one, self._decode = _load_backend(data, path, backend)
-        vocab = config.get("model", {}).get("vocab", {})
-        self.vocab_size = max([*vocab.values(), *specials.values()]) + 1
+        self._data = path.read_bytes()
+        config = json.loads(self._data)
+        self.eod_id, self.vocab_size = _hf_eod_and_vocab(config, path)
+        text_only = json.dumps(dict(config, added_tokens=[])).encode()
+        self.backend, self._encode_one = _load_backend(text_only, path, backend)
+        self._decode = None  # built on first use: workers only encode
 
     def encode(self, text: str) -> list[int]:
         return [int(i) for i in self._encode_one(text)]
@@ -65,29 +69,55 @@ class HFTokenizer:
         return np.asarray(self._encode_one(text))
 
     def decode(self, ids) -> str:
+        if self._decode is None:
+            self._decode = _load_decoder(self._data, self.backend)
         return self._decode([int(i) for i in ids])
 
 
+def _hf_eod_and_vocab(config: dict, path: Path) -> tuple[int, int]:
+    specials = {t["content"]: t["id"] for t in config.get("added_tokens", [])}
+    eod = next((name for name in _EOD_CANDIDATES if name in specials), None)
+    if eod is None:
+        raise ValueError(f"{path}: no end-of-document token among added_tokens (looked for "
+                         f"{', '.join(_EOD_CANDIDATES)})")
+    vocab = config.get("model", {}).get("vocab", {})
+    return specials[eod], max([*vocab.values(), *specials.values()]) + 1
+
+
 def _load_backend(data: bytes, path: Path, backend: str):
+    """(backend name, encode function) for the tokenizer.json contents `data`."""
     if backend in ("auto", "gigatoken"):
         try:
             from gigatoken.gigatoken_rs import load_hf_json
 
-            rust = load_hf_json(data)
-            return ("gigatoken", rust.encode,
-                    lambda ids: rust.decode(ids).decode("utf-8", errors="replace"))
+            return "gigatoken", load_hf_json(data).encode
         except Exception:  # noqa: BLE001 - any failure (missing package, unsupported model) falls back
             if backend == "gigatoken":
                 raise
     import tokenizers
 
     hf = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
-    return ("tokenizers", lambda text: hf.encode(text, add_special_tokens=False).ids,
-            lambda ids: hf.decode(ids, skip_special_tokens=False))
+    return "tokenizers", lambda text: hf.encode(text, add_special_tokens=False).ids
+
+
+def _load_decoder(data: bytes, backend: str):
+    """A decode function over the whole vocabulary, added tokens included."""
+    if backend == "gigatoken":
+        from gigatoken.gigatoken_rs import load_hf_json
+
+        rust = load_hf_json(data)
+        return lambda ids: rust.decode(ids).decode("utf-8", errors="replace")
+    import tokenizers
+
+    hf = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
+    return lambda ids: hf.decode(ids, skip_special_tokens=False)
 
 
 class SentencePieceTokenizer:
-    """A SentencePiece .model; `</s>` ends documents (ccmega's trainer always defines it)."""
+    """A SentencePiece .model; `</s>` ends documents (ccmega's trainer always defines it).
+
+    SentencePiece never produces a control piece (`<s>`, `</s>`) or `<unk>` from text that spells it:
+    such text gets the pieces of its characters, as HFTokenizer does for added tokens."""
 
     backend = "sentencepiece"
 
@@ -140,16 +170,9 @@ def tokenizer_summary(path_or_none: str | os.PathLike | None = None) -> dict:
     short: only workers load the tokenizer)."""
     path = resolve_tokenizer_path(path_or_none)
     if path.suffix == ".model":
-        tokenizer = SentencePieceTokenizer(path)
-        kind = "sentencepiece"
+        sp = SentencePieceTokenizer(path)
+        kind, identity, eod_id, vocab_size = "sentencepiece", sp.identity, sp.eod_id, sp.vocab_size
     else:
-        config = json.loads(path.read_bytes())
-        specials = {t["content"]: t["id"] for t in config.get("added_tokens", [])}
-        eod = next((name for name in _EOD_CANDIDATES if name in specials), None)
-        if eod is None:
-            raise ValueError(f"{path}: no end-of-document token among added_tokens")
-        vocab = config.get("model", {}).get("vocab", {})
-        return {"path": str(path), "kind": "huggingface", "identity": _sha256(path), "eod_id": specials[eod],
-                "vocab_size": max([*vocab.values(), *specials.values()]) + 1}
-    return {"path": str(path), "kind": kind, "identity": tokenizer.identity, "eod_id": tokenizer.eod_id,
-            "vocab_size": tokenizer.vocab_size}
+        kind, identity = "huggingface", _sha256(path)
+        eod_id, vocab_size = _hf_eod_and_vocab(json.loads(path.read_bytes()), path)
+    return {"path": str(path), "kind": kind, "identity": identity, "eod_id": eod_id, "vocab_size": vocab_size}

@@ -14,13 +14,27 @@ and by the decoder LM (`ccmega.evaluation.entropy`), and correlated with the met
     OUTPUT_DIR/samples.jsonl   one line per sample: index, reference, reconstruction, f1, bleu_sentence,
                                rougeL, entropy_encoder, entropy_decoder, generated_tokens, ended
     OUTPUT_DIR/summary.json    the summary schema of `ccmega report` (see ccmega/evaluation/report.py)
+    OUTPUT_DIR/controls.jsonl  with --controls: each sample under the five memory conditions
+                               (ccmega/evaluation/controls.py; their summary is the record "controls")
 
 both atomically (temporary file + rename). With --latency the summary also gets a `latency` record.
 
-Latency only (`--latency` without --icae): an ICAE of the given presets with random weights (latency does
-not depend on the weights) is timed at --context-tokens (paper: 4096) with k = context / ratio memory
-slots; the record goes into `--into SUMMARY` (an existing evaluation summary of that pair) or into a
-summary of its own, OUTPUT_DIR/latency_<encoder>_<decoder>_ctx<N>.json, whose metrics are NaN.
+Latency (Fig. 6) is timed at --context-tokens (paper: 4096) with k = context / r memory slots in one pass,
+r = --compression-ratio (default: the ICAE's own L / k with --icae, else the paper's 4) or k =
+--memory-tokens. With --icae the trained ICAE itself is timed when that k is its own; otherwise (the usual
+case: k = 128 for L = 512 but 1024 slots for 4096 tokens) an ICAE of the same presets and dtype with
+random weights is timed instead (latency does not depend on the weights), and the log says so. The
+`latency` record names what was measured: context_tokens (L), memory_tokens (k), compression_ratio (r),
+weights ("trained" or "random"). `ccmega report` never averages records of different k or L into a bar.
+
+Latency only (`--latency` without --icae): an ICAE of the given presets with random weights; the record
+goes into `--into SUMMARY` (an existing evaluation summary of that pair) or into a summary of its own,
+OUTPUT_DIR/latency_<encoder>_<decoder>_ctx<N>.json, whose metrics are null (not measured).
+
+Data labels: the summary records the ICAE's fine-tuning data (`finetune_data`: the recipe of the split
+recorded in the checkpoint's ccmega.json icae.data, e.g. .../D1/finetune -> D1) and the test data
+(`test_data`, from --data); `ccmega report` prints the paper's numbers only when both agree with a row.
+Non-finite numbers (NaN: not measured, or undefined) are written as JSON null.
 """
 from __future__ import annotations
 
@@ -29,6 +43,7 @@ import json
 import math
 import os
 import re
+import shlex
 import sys
 import time
 
@@ -56,19 +71,25 @@ def parse_args(argv):
     p.add_argument("--encoder-lm", help="encoder pretraining checkpoint for the encoder entropy "
                                         "(default: the one the ICAE encoder was initialised from)")
     p.add_argument("--no-entropy", action="store_true", help="skip the entropies (and correlations)")
+    p.add_argument("--controls", action="store_true",
+                   help="also reconstruct with shuffled, zeroed and no memory and with the context itself "
+                        "(ccmega/evaluation/controls.py; writes controls.jsonl, summary 'controls')")
     p.add_argument("--encoder-recipe", help="encoder pretraining recipe for the summary (default: from the "
                                             "pretraining run's config and data manifest)")
     p.add_argument("--decoder-recipe", help="decoder pretraining recipe for the summary (default: likewise)")
     p.add_argument("--data-recipe", help="test data recipe (default: the split's manifest or folder name)")
+    p.add_argument("--finetune-recipe", help="the ICAE's fine-tuning data recipe (default: from the split "
+                                             "recorded in its checkpoint, manifest or folder name)")
     p.add_argument("--seed", type=int, default=1234)
     lat = p.add_argument_group("latency (Fig. 6)")
     lat.add_argument("--latency", action="store_true", help="measure compression/generation latency")
     lat.add_argument("--encoder-preset", help="latency without --icae: encoder preset (random weights)")
     lat.add_argument("--decoder-preset", help="latency without --icae: decoder preset (random weights)")
     lat.add_argument("--context-tokens", type=int, default=4096, help="latency context length (default %(default)s)")
-    lat.add_argument("--compression-ratio", type=int, default=4,
-                     help="latency without --icae: k = context / ratio memory slots (default %(default)s)")
-    lat.add_argument("--memory-tokens", type=int, help="latency without --icae: k, overriding the ratio")
+    lat.add_argument("--compression-ratio", type=float,
+                     help="latency: k = context / ratio memory slots (default: the ICAE's L / k with --icae, "
+                          "else the paper's 4)")
+    lat.add_argument("--memory-tokens", type=int, help="latency: k, overriding the ratio")
     lat.add_argument("--generate-tokens", type=int,
                      help="greedy steps timed in generation (default: the context length, a full reconstruction)")
     lat.add_argument("--warmup", type=int, default=1, help="untimed runs first (default %(default)s)")
@@ -120,8 +141,20 @@ def _pretrain_recipe(checkpoint_iter_dir: str) -> str | None:
     return recipes.pop() if len(recipes) == 1 and None not in recipes else None
 
 
-def _dump(obj) -> str:
-    return json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+def _finite_or_null(obj):
+    """NaN/inf -> None, recursively: JSON has no NaN, and null is the summary schema's "not measured"."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {key: _finite_or_null(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(value) for value in obj]
+    return obj
+
+
+def _dump(obj, indent: int | None = 2) -> str:
+    """Strict JSON (no bare NaN), one document ending in a newline."""
+    return json.dumps(_finite_or_null(obj), indent=indent, ensure_ascii=False, allow_nan=False) + "\n"
 
 
 def _side(meta: dict, recipe: str) -> dict:
@@ -131,6 +164,19 @@ def _side(meta: dict, recipe: str) -> dict:
 def _batches(indices: list[int], size: int):
     for start in range(0, len(indices), size):
         yield indices[start:start + size]
+
+
+def gather_by_index(records: dict[int, dict], count: int) -> list[dict] | None:
+    """Every rank's {sample index: record} -> the records of samples 0..count-1 in order on rank 0, None on
+    the others. Collective (every rank calls it)."""
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, records)
+    if torch.distributed.get_rank() != 0:
+        return None
+    merged = {}
+    for part in gathered:
+        merged.update(part)  # tensor-parallel peers hold identical records
+    return [merged[i] for i in range(count)]
 
 
 # ---- evaluation ---------------------------------------------------------------------------------------
@@ -146,14 +192,13 @@ def evaluate(args) -> dict:
     from ccmega.evaluation.metrics import METRIC_KEYS, score_corpus, score_pair
     from ccmega.training.checkpointing import read_checkpoint_metadata
     from ccmega.training.icae_data import ContextSamples
-    from ccmega.training.icae_train import load_icae
+    from ccmega.models.icae_checkpoint import load_icae
 
     started = time.perf_counter()
     meta = read_checkpoint_metadata(args.icae)
     info = meta["icae"]
     L, k = int(info["context_tokens"]), int(info["num_memory_slots"])
     icae = load_icae(args.icae, decoder_checkpoint=args.decoder_checkpoint, verify_decoder=not args.no_verify_decoder)
-    device = next(icae.parameters()).device
     tokenizer = load_tokenizer(args.tokenizer or meta["tokenizer"]["path"])
     samples = ContextSamples(args.data, L)
     count = min(len(samples), args.limit) if args.limit else len(samples)
@@ -163,10 +208,9 @@ def evaluate(args) -> dict:
         f"k={k}, L={L}; {count} samples of {args.data} on {dp_size} data-parallel rank(s), batch {args.batch_size}")
 
     records: dict[int, dict] = {}
-    tokens_of: dict[int, torch.Tensor] = {}
     done, generated, t0 = 0, 0, time.perf_counter()
     for batch in _batches(mine, args.batch_size):
-        context = torch.stack([samples[i] for i in batch]).to(device)
+        context = samples.batch(batch)  # on this rank's device
         out = reconstruct(icae, context, max_new_tokens=L)
         entropy_decoder = None if args.no_entropy else sequence_entropy(icae.decoder, context).tolist()
         for j, (i, ids) in enumerate(zip(batch, out.token_lists())):
@@ -176,40 +220,34 @@ def evaluate(args) -> dict:
                           "entropy_encoder": None,
                           "entropy_decoder": None if entropy_decoder is None else entropy_decoder[j],
                           "generated_tokens": len(ids) + int(out.ended[j]), "ended": bool(out.ended[j])}
-            tokens_of[i] = context[j].cpu()
         done += len(batch)
         generated += int((out.lengths + out.ended.long()).sum())
         elapsed = time.perf_counter() - t0
         log(f"reconstructed {done}/{len(mine)} samples (rank 0), {done / elapsed:.2f} samples/s, "
             f"{generated / elapsed:.0f} tokens/s, ETA {(len(mine) - done) * elapsed / done:.0f} s")
-    latency = None
-    if args.latency:
-        from ccmega.evaluation.latency import measure_latency
+    latency = _checkpoint_latency(args, icae, info) if args.latency else None
+    controls = None
+    if args.controls:  # collective: before the gather below, while the ICAE is loaded
+        from ccmega.evaluation.controls import describe, run_controls
 
-        latency = measure_latency(icae, args.context_tokens, args.generate_tokens, args.warmup, args.repeats,
-                                  seed=args.seed)
-        log(f"latency at context {args.context_tokens}: compression {latency['compression_s']:.4f} s, "
-            f"generation {latency['generation_s']:.4f} s")
+        controls = run_controls(icae, samples, mine, count, tokenizer, args.batch_size, seed=args.seed, log=log)
+        if controls is not None:
+            log(describe(controls.summary))
     del icae
 
     if not args.no_entropy:
         encoder_lm_path = args.encoder_lm or info["encoder"]["checkpoint"]
         log(f"encoder entropy under the pretrained LM {encoder_lm_path}")
-        lm, _, _ = load_pretrained_lm(encoder_lm_path, device=device)
+        lm, _, _ = load_pretrained_lm(encoder_lm_path)
         for batch in _batches(mine, args.batch_size):
-            values = sequence_entropy(lm, torch.stack([tokens_of[i] for i in batch]).to(device)).tolist()
+            values = sequence_entropy(lm, samples.batch(batch)).tolist()
             for i, value in zip(batch, values):
                 records[i]["entropy_encoder"] = value
         del lm
 
-    gathered = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, records)
-    if torch.distributed.get_rank() != 0:
+    rows = gather_by_index(records, count)
+    if rows is None:
         return {}
-    merged = {}
-    for part in gathered:
-        merged.update(part)  # tensor-parallel peers hold identical records
-    rows = [merged[i] for i in range(count)]
 
     metrics = score_corpus([r["reference"] for r in rows], [r["reconstruction"] for r in rows],
                            per_sample=[{key: r[key] for key in METRIC_KEYS} for r in rows])
@@ -229,7 +267,8 @@ def evaluate(args) -> dict:
     summary = {
         "encoder": _side(info["encoder"], enc_recipe),
         "decoder": _side(info["decoder"], dec_recipe),
-        "data": args.data_recipe or _recipe_of_prefix(args.data) or UNKNOWN,
+        "finetune_data": args.finetune_recipe or (info.get("data") and _recipe_of_prefix(info["data"])) or UNKNOWN,
+        "test_data": args.data_recipe or _recipe_of_prefix(args.data) or UNKNOWN,
         "metrics": metrics,
         "memory_tokens": k,
         "context_tokens_mean": float(L),
@@ -238,49 +277,96 @@ def evaluate(args) -> dict:
         "entropy_mean": entropy_mean,
         "correlations": correlations,
         "icae_checkpoint": meta["path"],
+        "finetune_split": info.get("data"),
         "test_split": os.path.abspath(args.data),
         "tokenizer": meta["tokenizer"],
         "ended_fraction": sum(r["ended"] for r in rows) / len(rows) if rows else math.nan,
         "elapsed_s": round(elapsed, 3),
-        "created_by": "ccmega evaluate " + " ".join(sys.argv[1:]),
+        "created_by": args.command_line,
     }
     if latency is not None:
         summary["latency"] = latency
+    if controls is not None:
+        summary["controls"] = controls.write(args.output_dir)
     atomic_write_text(os.path.join(args.output_dir, SAMPLES_FILE),
-                 "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+                      "".join(_dump(r, indent=None) for r in rows))
     return summary
 
 
 # ---- latency --------------------------------------------------------------------------------------------
 
-def _random_icae(args):
-    from ccmega.models.qwen3 import transformer_config
-    from ccmega.presets import model_preset
-    from ccmega.training.icae_train import build_icae
+def _latency_slots(args, default_ratio: float) -> int:
+    """k of the timed ICAE: --memory-tokens, else context / r with r = --compression-ratio or default_ratio."""
+    if args.memory_tokens:
+        return args.memory_tokens
+    ratio = args.compression_ratio or default_ratio
+    k = args.context_tokens / ratio
+    if k < 1 or k != int(k):
+        raise ValueError(f"--context-tokens {args.context_tokens} / ratio {ratio:g} = {k:g} is not a whole number "
+                         "of memory slots; pass --memory-tokens or another --compression-ratio")
+    return int(k)
+
+
+def _random_icae(encoder_preset, decoder_preset, k: int, dtype, seed: int):
+    """An ICAE of these presets with k slots and random weights: what latency is measured on."""
     from megatron.core import parallel_state as ps
 
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(
-        args.dtype, torch.bfloat16 if torch.cuda.is_available() else torch.float32)
-    presets = [model_preset(args.encoder_preset), model_preset(args.decoder_preset)]
+    from ccmega.models.icae_checkpoint import build_icae
+    from ccmega.models.qwen3 import transformer_config
+
     tp = ps.get_tensor_model_parallel_world_size()
-    configs = [transformer_config(p, tp, 1, params_dtype=dtype) for p in presets]
-    k = args.memory_tokens or args.context_tokens // args.compression_ratio
-    torch.manual_seed(args.seed)
-    icae = build_icae(*presets, *configs, num_memory_slots=k, end_token_id=0, seed=args.seed)
-    if dtype != torch.float32:  # the small ICAE parameters are created in fp32
-        icae.to(dtype)
+    configs = [transformer_config(p, tp, 1, params_dtype=dtype) for p in (encoder_preset, decoder_preset)]
+    torch.manual_seed(seed)
+    icae = build_icae(encoder_preset, decoder_preset, *configs, num_memory_slots=k, end_token_id=0, seed=seed)
     return icae.eval()
 
 
-def latency_only(args) -> dict:
+def _timed_latency(icae, args, weights: str) -> dict:
+    """measure_latency plus what was measured, said in the log (loudly when r is not the paper's)."""
     from ccmega.evaluation.latency import measure_latency
+    from ccmega.presets import FINETUNE_HPARAMS
 
-    icae = _random_icae(args)
+    record = measure_latency(icae, args.context_tokens, args.generate_tokens, args.warmup, args.repeats,
+                             seed=args.seed)
+    record["weights"] = weights
+    log(f"latency at context L = {record['context_tokens']}, k = {record['memory_tokens']} memory slots "
+        f"(r = {record['compression_ratio']:g}), {weights} weights: compression {record['compression_s']:.4f} s, "
+        f"generation {record['generation_s']:.4f} s ({record['generated_tokens']} tokens) on {record['device']}")
+    if record["compression_ratio"] != FINETUNE_HPARAMS.compression_ratio:
+        log(f"WARNING: latency measured at r = {record['compression_ratio']:g}, not the paper's r = "
+            f"{FINETUNE_HPARAMS.compression_ratio} (§4.1); `ccmega report` keeps it in a bar of its own")
+    return record
+
+
+def _checkpoint_latency(args, icae, info: dict) -> dict:
+    """Latency of a trained ICAE at --context-tokens and its own ratio (unless told otherwise): the ICAE
+    itself when k matches, else one of the same presets and dtype with random weights."""
+    from ccmega.presets import ModelPreset
+
+    L, k = int(info["context_tokens"]), int(info["num_memory_slots"])
+    k_timed = _latency_slots(args, L / k)
+    if k_timed == k:
+        return _timed_latency(icae, args, "trained")
+    log(f"latency: NOTE this ICAE has k = {k} slots for L = {L} tokens; context {args.context_tokens} needs "
+        f"k = {k_timed}, so an ICAE of the same presets with k = {k_timed} and random weights is timed "
+        "(latency does not depend on the weights)")
+    presets = [ModelPreset(**info[role]["model_preset"]) for role in ("encoder", "decoder")]
+    timed = _random_icae(*presets, k_timed, next(icae.parameters()).dtype, args.seed)
+    record = _timed_latency(timed, args, "random")
+    del timed
+    return record
+
+
+def latency_only(args) -> dict:
+    from ccmega.presets import FINETUNE_HPARAMS, model_preset
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(
+        args.dtype, torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    icae = _random_icae(model_preset(args.encoder_preset), model_preset(args.decoder_preset),
+                        _latency_slots(args, FINETUNE_HPARAMS.compression_ratio), dtype, args.seed)
     log(f"latency of {args.encoder_preset} -> {args.decoder_preset} (random weights), context "
         f"{args.context_tokens}, k={icae.num_memory_slots}, {args.warmup} warmup + {args.repeats} repeats")
-    record = measure_latency(icae, args.context_tokens, args.generate_tokens, args.warmup, args.repeats, seed=args.seed)
-    log(f"compression {record['compression_s']:.4f} s, generation {record['generation_s']:.4f} s "
-        f"({record['generated_tokens']} tokens) on {record['device']}")
+    record = _timed_latency(icae, args, "random")
     if torch.distributed.get_rank() != 0:
         return record
     if args.into:
@@ -294,12 +380,13 @@ def latency_only(args) -> dict:
     summary = {
         "encoder": {"preset": args.encoder_preset, "recipe": args.encoder_recipe or UNKNOWN},
         "decoder": {"preset": args.decoder_preset, "recipe": args.decoder_recipe or UNKNOWN},
-        "data": args.data_recipe or UNKNOWN,
+        "finetune_data": args.finetune_recipe or UNKNOWN,
+        "test_data": args.data_recipe or UNKNOWN,
         "metrics": {"n": 0, "f1": nan, "bleu_corpus": nan, "bleu_sentence_mean": nan, "rougeL": nan},
         "memory_tokens": icae.num_memory_slots,
         "latency": record,
         "weights": "random (latency only)",
-        "created_by": "ccmega evaluate " + " ".join(sys.argv[1:]),
+        "created_by": args.command_line,
     }
     path = os.path.join(args.output_dir, f"latency_{args.encoder_preset}_{args.decoder_preset}_ctx{args.context_tokens}.json")
     atomic_write_text(path, _dump(summary))
@@ -312,7 +399,9 @@ def latency_only(args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     from ccmega import runtime
 
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    args.command_line = shlex.join(["ccmega", "evaluate", *argv])  # the summary's created_by
     with runtime.session(args.tp, 1, seed=args.seed):
         if not args.icae:
             latency_only(args)

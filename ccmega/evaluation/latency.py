@@ -20,6 +20,7 @@ import time
 import torch
 
 from ccmega.evaluation.generation import generate
+from ccmega.runtime import device
 
 
 class _Timer:
@@ -66,10 +67,9 @@ def measure_latency(icae, context_tokens: int, generate_tokens: int | None = Non
     """The `latency` record of an evaluation summary (report schema) for one ICAE; all TP ranks call it."""
     icae.eval()
     generate_tokens = generate_tokens or context_tokens
-    device = icae.memory_embeddings.device
     vocab = min(icae.real_vocab_size, icae.encoder.vocab_size)  # ids both embeddings have
     context = torch.randint(0, vocab, (batch_size, context_tokens), generator=torch.Generator().manual_seed(seed))
-    context = context.to(device)
+    context = context.to(device())  # the one move of the latency input
     compression, generation = _Timer(), _Timer()
     for i in range(warmup + repeats):
         timed = i >= warmup
@@ -89,6 +89,7 @@ def measure_latency(icae, context_tokens: int, generate_tokens: int | None = Non
         "generation_s": statistics.median(gen),
         "device": device_name(),
         "memory_tokens": icae.num_memory_slots,
+        "compression_ratio": context_tokens / icae.num_memory_slots,  # r = L / k of what was timed
         "generated_tokens": generate_tokens,
         "batch_size": batch_size,
         "dtype": str(next(icae.decoder.parameters()).dtype).replace("torch.", ""),

@@ -2,7 +2,8 @@
 
 Writes DIR/report.md (Markdown tables laid out like Tables 3 and 4, the entropy correlations of Fig. 3,
 the efficiency numbers of Figs. 5 and 6, the case study of Table 5) with the paper's numbers beside ours
-where the (encoder recipe/size, decoder recipe/size, data) triple matches a paper row, and PNG figures
+where the (encoder recipe/size, decoder recipe/size, data) triple matches a paper row (the run's fine-tuning
+and test data must both be the row's Data), and PNG figures
 (matplotlib, Agg): fig3_entropy_<run>.png, fig4_decoder_recipe_<sizes>.png, fig5_flops.png,
 fig6_latency.png. A figure whose inputs are absent is skipped with a printed note. Every file is
 written atomically (temporary file + rename).
@@ -15,7 +16,9 @@ Summary JSON (one per evaluated encoder/decoder pair; written by `ccmega evaluat
     {
       "encoder": {"preset": "qwen3-500m", "recipe": "D1", "name": "LLM_D1(500M)"},  # name optional
       "decoder": {"preset": "qwen3-500m", "recipe": "D6", "name": ...},             # recipe: D1..D6 | random
-      "data": "D1",                       # fine-tuning and test distribution
+      "finetune_data": "D1",              # the ICAE's fine-tuning data recipe
+      "test_data": "D1",                  # the evaluated split's recipe
+                                          #   (or "data": "D1" alone: fine-tuned and tested on it)
       "metrics": {                        # percentages, see ccmega.evaluation.metrics
         "f1": 69.44, "bleu_corpus": 27.02, "bleu_sentence_mean": 25.3, "rougeL": 67.82,
         "n": 10000, "bleu_signature": "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:2.6.0"  # optional
@@ -26,8 +29,11 @@ Summary JSON (one per evaluated encoder/decoder pair; written by `ccmega evaluat
       "per_sample": "samples.jsonl",      # optional: JSONL path, relative to this file's folder
       "flops": {"total": 1.2e12, ...},    # optional: FLOPs per generation; else computed by
                                           #   ccmega.evaluation.flops from the presets and token means
-      "latency": {"context_tokens": 4096, "compression_s": 0.021, "generation_s": 1.87,
-                  "device": "NVIDIA H100"}  # optional: one measured ICAE generation (Fig. 6)
+      "latency": {"context_tokens": 4096, "memory_tokens": 1024, "compression_ratio": 4.0,
+                  "compression_s": 0.021, "generation_s": 1.87, "device": "NVIDIA H100"},
+                                          # optional: one measured ICAE generation (Fig. 6); a bar
+                                          #   averages only records of one (L, k)
+      "controls": {...}                   # optional: `ccmega evaluate --controls` (ccmega/evaluation/controls.py)
     }
 
 Per-sample JSONL, one object a line (extra keys are ignored):
@@ -37,6 +43,7 @@ Per-sample JSONL, one object a line (extra keys are ignored):
 
 Entropies are the mean per-token negative log-likelihood of the original under the encoder's and the
 decoder's pretrained LM, in nats/token; a sample without one (or with null) is left out of that correlation.
+null anywhere means "not measured" (`ccmega evaluate` writes non-finite numbers as null).
 """
 from __future__ import annotations
 
@@ -50,16 +57,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ccmega.evaluation import paper_results
+from ccmega.evaluation.controls import controls_section
 from ccmega.evaluation.correlation import correlate
 from ccmega.evaluation.flops import baseline_flops, icae_flops
 from ccmega.fileio import atomic_write_text
-from ccmega.presets import MODEL_PRESETS
+from ccmega.presets import FINETUNE_HPARAMS, MODEL_PRESETS
 
 SUMMARY_METRICS = ("f1", "bleu_corpus", "bleu_sentence_mean", "rougeL")
 SAMPLE_METRICS = (("f1", "F1"), ("bleu_sentence", "BLEU (sentence)"), ("rougeL", "ROUGE-L"))
 ENTROPY_SIDES = (("encoder", "entropy_encoder"), ("decoder", "entropy_decoder"))
 RECIPE_ORDER = ["D1", "D2", "D3", "D4", "D5", "D6", "random"]
 NA = "–"
+FIG6_RATIO = FINETUNE_HPARAMS.compression_ratio  # the paper's r ("unless otherwise stated", §4.1)
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -85,7 +94,8 @@ class Run:
     path: Path
     encoder: Side
     decoder: Side
-    data: str
+    finetune_data: str
+    test_data: str
     metrics: dict
     memory_tokens: int = 128
     context_tokens_mean: float | None = None
@@ -93,12 +103,20 @@ class Run:
     per_sample: Path | None = None
     flops: dict | None = None
     latency: dict | None = None
+    controls: dict | None = None  # memory-dependence controls (ccmega.evaluation.controls), when evaluated
     slug: str = ""  # unique file-name stem, set by collect_runs
 
     @property
     def has_metrics(self) -> bool:
         """False for latency-only summaries (random weights, metrics NaN)."""
         return any(math.isfinite(v) for v in self.metrics.values())
+
+    @property
+    def data(self) -> str:
+        """The Data column: the distribution fine-tuned and tested on, or both when they differ."""
+        if self.finetune_data == self.test_data:
+            return self.test_data
+        return f"ft {self.finetune_data} / test {self.test_data}"
 
     @property
     def triple(self) -> tuple[str, str, str]:
@@ -109,6 +127,8 @@ class Run:
         return f"{self.encoder.name} → {self.decoder.name} on {self.data}"
 
     def paper_row(self):
+        if self.finetune_data != self.test_data:  # the paper fine-tunes and tests on one distribution
+            return None
         return paper_results.lookup(self.encoder.recipe, self.encoder.size, self.decoder.recipe,
                                     self.decoder.size, self.data)
 
@@ -150,8 +170,16 @@ def load_summary(path: Path) -> Run:
     obj = json.loads(path.read_text(encoding="utf-8"))
     if not is_summary(obj):
         raise ValueError(f"{path}: not an evaluation summary (needs 'encoder', 'decoder' and 'metrics')")
-    if "data" not in obj:
-        raise ValueError(f"{path}: missing 'data'")
+    if "finetune_data" in obj or "test_data" in obj:
+        absent = [key for key in ("finetune_data", "test_data") if key not in obj]
+        if absent:
+            raise ValueError(f"{path}: has {'test_data' if absent == ['finetune_data'] else 'finetune_data'} "
+                             f"but not {absent[0]}")
+        finetune_data, test_data = obj["finetune_data"], obj["test_data"]
+    elif "data" in obj:  # the shorthand for one distribution
+        finetune_data = test_data = obj["data"]
+    else:
+        raise ValueError(f"{path}: missing 'finetune_data' and 'test_data' (or 'data' for both)")
     missing = [key for key in SUMMARY_METRICS if key not in obj["metrics"]]
     if missing:
         raise ValueError(f"{path}: metrics lacks {', '.join(missing)}")
@@ -171,7 +199,8 @@ def load_summary(path: Path) -> Run:
         path=path,
         encoder=_side(obj["encoder"], f"{path}: encoder"),
         decoder=_side(obj["decoder"], f"{path}: decoder"),
-        data=_recipe(obj["data"]),
+        finetune_data=_recipe(finetune_data if finetune_data is not None else "unknown"),
+        test_data=_recipe(test_data if test_data is not None else "unknown"),
         metrics={key: metric(key) for key in SUMMARY_METRICS},
         memory_tokens=int(obj.get("memory_tokens", 128)),
         context_tokens_mean=optional_float("context_tokens_mean"),
@@ -179,6 +208,7 @@ def load_summary(path: Path) -> Run:
         per_sample=(path.parent / per_sample) if per_sample else None,
         flops=obj.get("flops"),
         latency=obj.get("latency"),
+        controls=obj.get("controls"),
     )
 
 
@@ -336,7 +366,7 @@ def _table4(runs: list[Run]) -> str:
 def _efficiency_table(runs: list[Run]) -> str:
     headers = ["Encoder", "Decoder", "Data", "F1", "ctx tokens", "gen tokens", "FLOPs/gen (ICAE)",
                "of which compression", "FLOPs/gen (no compression)", "latency: compression (s)",
-               "latency: generation (s)", "latency context", "device"]
+               "latency: generation (s)", "latency L / k (r)", "device"]
     rows = []
     for r in sorted(runs, key=lambda r: (r.encoder.params, r.decoder.params, r.label)):
         flops, lat = r.flops_per_generation(), r.latency or {}
@@ -347,7 +377,7 @@ def _efficiency_table(runs: list[Run]) -> str:
                      _tokens(r.context_tokens_mean), _tokens(r.generated_tokens_mean or r.context_tokens_mean),
                      _sci(flops.get("total")), _sci(flops.get("compression")), _sci(flops.get("baseline_total")),
                      _pct(lat.get("compression_s")), _pct(lat.get("generation_s")),
-                     str(lat.get("context_tokens", NA)), str(lat.get("device", NA))])
+                     _latency_shape_text(lat) if lat else NA, str(lat.get("device", NA))])
     if not rows:
         return "_No FLOPs or latency inputs (context_tokens_mean, flops or latency in the summaries)._"
     return _table(headers, rows)
@@ -511,17 +541,36 @@ def figure5(series, out: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- Fig. 6
+def latency_shape(lat: dict) -> tuple:
+    """(L, k, r) a latency record was measured at; k and r are None when the record does not say."""
+    ctx, k = lat.get("context_tokens"), lat.get("memory_tokens")
+    ratio = lat.get("compression_ratio") or (ctx / k if ctx and k else None)
+    return ctx, k, ratio
+
+
+def _latency_shape_text(lat: dict) -> str:
+    ctx, k, ratio = latency_shape(lat)
+    return f"{ctx if ctx is not None else NA} / {k if k is not None else '?'} (r {f'{ratio:g}' if ratio else '?'})"
+
+
 def fig6_bars(runs: list[Run]) -> list[dict]:
-    """One bar per (encoder preset, decoder preset, context) with latency; repeated measurements averaged."""
+    """One bar per (encoder preset, decoder preset, context L, memory slots k) with latency; repeated
+    measurements of the same shape averaged, never records of different ratios."""
     bars: dict[tuple, list[dict]] = {}
     for r in runs:
         lat = r.latency
         if lat and lat.get("compression_s") is not None and lat.get("generation_s") is not None:
-            key = (r.encoder.params, r.decoder.params, r.encoder.size, r.decoder.size, lat.get("context_tokens"))
+            ctx, k, _ = latency_shape(lat)
+            key = (r.encoder.params, r.decoder.params, r.encoder.size, r.decoder.size, ctx, k)
             bars.setdefault(key, []).append(lat)
     out = []
-    for (_, _, enc, dec, ctx), lats in sorted(bars.items(), key=lambda kv: (kv[0][0], kv[0][1], str(kv[0][4]))):
-        out.append({"encoder": enc, "decoder": dec, "context_tokens": ctx, "n": len(lats),
+    def order(item):  # by sizes, then L and k (unknown last)
+        *_, ctx, k = item[0]
+        return item[0][:2], ctx is None, ctx or 0, k is None, k or 0
+
+    for (_, _, enc, dec, ctx, k), lats in sorted(bars.items(), key=order):
+        out.append({"encoder": enc, "decoder": dec, "context_tokens": ctx, "memory_tokens": k,
+                    "compression_ratio": latency_shape(lats[0])[2], "n": len(lats),
                     "compression_s": sum(l["compression_s"] for l in lats) / len(lats),
                     "generation_s": sum(l["generation_s"] for l in lats) / len(lats),
                     "device": ", ".join(sorted({str(l.get("device", "?")) for l in lats}))})
@@ -529,7 +578,7 @@ def fig6_bars(runs: list[Run]) -> list[dict]:
 
 
 def figure6(bars: list[dict], out: Path) -> Path:
-    contexts = {b["context_tokens"] for b in bars}
+    shapes = {(b["context_tokens"], b["memory_tokens"]) for b in bars}
     devices = {b["device"] for b in bars}
     fig = _new_figure(max(6.0, 1.1 * len(bars) + 2), 4.8)
     ax = fig.subplots()
@@ -541,13 +590,18 @@ def figure6(bars: list[dict], out: Path) -> Path:
     for x, c, g in zip(xs, comp, gen):
         ax.annotate(f"{c + g:.3g} s", (x, c + g), textcoords="offset points", xytext=(0, 3), ha="center",
                     fontsize=8)
-    labels = [f"E {b['encoder']}\nD {b['decoder']}" + ("" if len(contexts) == 1 else f"\nctx {b['context_tokens']}")
-              for b in bars]
+    labels = [f"E {b['encoder']}\nD {b['decoder']}"
+              + ("" if len(shapes) == 1 else f"\nL {b['context_tokens']}, k {b['memory_tokens'] or '?'}") for b in bars]
     ax.set_xticks(xs, labels, fontsize=8)
     ax.set_ylabel("latency per generation (s)")
     ax.set_ylim(0, max(c + g for c, g in zip(comp, gen)) * 1.15)
-    ctx = f"context {contexts.pop()} tokens" if len(contexts) == 1 else "mixed contexts"
-    ax.set_title(f"Inference latency, {ctx}" + (f" ({devices.pop()})" if len(devices) == 1 else ""))
+    if len(shapes) == 1:
+        ratio = bars[0]["compression_ratio"]
+        shape = f"context {bars[0]['context_tokens']} tokens, k = {bars[0]['memory_tokens'] or '?'}" + (
+            f" (r = {ratio:g})" if ratio else "")
+    else:
+        shape = "several context lengths / ratios (per bar)"
+    ax.set_title(f"Inference latency, {shape}" + (f" ({devices.pop()})" if len(devices) == 1 else ""))
     ax.legend(fontsize=8, loc="upper left")
     ax.grid(alpha=0.3, axis="y")
     path = out / "fig6_latency.png"
@@ -569,6 +623,7 @@ def build_report(runs: list[Run], out: Path) -> tuple[str, list[Path]]:
 
     md += ["## Table 3 layout: intrinsic-data alignment (equal encoder and decoder sizes)", "", _table3(scored), ""]
     md += ["## Table 4 layout: scalability of encoder and decoder", "", _table4(scored), ""]
+    md += ["## Memory-dependence controls", "", controls_section(scored), ""]
 
     md += ["## Fig. 3: input entropy vs compression quality", "",
            f"Paper: {paper_results.FIG3_CLAIM}. Entropy = mean per-token NLL of the original under the "
@@ -625,6 +680,10 @@ def build_report(runs: list[Run], out: Path) -> tuple[str, list[Path]]:
     if bars:
         figures.append(figure6(bars, out))
         md += [f"![Fig. 6]({figures[-1].name})", ""]
+        odd = sorted({_latency_shape_text(b) for b in bars if b["compression_ratio"] != FIG6_RATIO})
+        if odd:
+            md += [f"Note: bars measured at L / k (r) = {', '.join(odd)}, not at the paper's r = {FIG6_RATIO} "
+                   "(§4.1); each shape is a bar of its own.", ""]
     else:
         print("report: note: no latency records; Fig. 6 skipped")
         md += ["_Fig. 6 skipped: no summary has a `latency` record._", ""]

@@ -18,9 +18,11 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 
 
-def _replicated_init(shape, std: float, seed: int) -> torch.Tensor:
-    # The same values on every rank whatever the layout: a private generator, not the global one.
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * std
+def _replicated_init(shape, std: float, seed: int, like: torch.Tensor) -> torch.Tensor:
+    # The same values on every rank whatever the layout: a private CPU generator, not the global one;
+    # then onto the backbones' device and dtype (the rank's GPU; bf16 backbones get bf16, as megatron's own).
+    values = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * std
+    return values.to(device=like.device, dtype=like.dtype)
 
 
 class ICAEModel(MegatronModule):
@@ -33,16 +35,13 @@ class ICAEModel(MegatronModule):
         self.encoder, self.decoder = encoder, decoder
         self.num_memory_slots, self.end_token_id, self.real_vocab_size = num_memory_slots, end_token_id, real_vocab_size
         enc_h, dec_h = encoder.config.hidden_size, decoder.config.hidden_size
-        self.memory_embeddings = torch.nn.Parameter(_replicated_init((num_memory_slots, enc_h), init_std, seed))
-        self.ae_embedding = torch.nn.Parameter(_replicated_init((dec_h,), init_std, seed + 1))
-        self.projector = torch.nn.Linear(enc_h, dec_h)
+        like = encoder.embedding.word_embeddings.weight
+        self.memory_embeddings = torch.nn.Parameter(_replicated_init((num_memory_slots, enc_h), init_std, seed, like))
+        self.ae_embedding = torch.nn.Parameter(_replicated_init((dec_h,), init_std, seed + 1, like))
+        self.projector = torch.nn.Linear(enc_h, dec_h, device=like.device, dtype=like.dtype)
         with torch.no_grad():
-            self.projector.weight.copy_(_replicated_init((dec_h, enc_h), enc_h ** -0.5, seed + 2))
+            self.projector.weight.copy_(_replicated_init((dec_h, enc_h), enc_h ** -0.5, seed + 2, like))
             self.projector.bias.zero_()
-        dtype = encoder.config.params_dtype  # bf16 backbones get bf16 ICAE parameters (as megatron's own)
-        self.memory_embeddings.data = self.memory_embeddings.data.to(dtype)
-        self.ae_embedding.data = self.ae_embedding.data.to(dtype)
-        self.projector.to(dtype)
         decoder.requires_grad_(False)
         decoder.eval()
         # megatron's schedules tag `model.decoder.layers` with the micro-batch number (set_current_microbatch);
@@ -82,17 +81,12 @@ class ICAEModel(MegatronModule):
 
     def forward(self, context: torch.Tensor):
         """Teacher-forced reconstruction. Returns (per-token loss [b, L + 1], correct [b, L + 1])."""
-        k = self.num_memory_slots
-        prefix = self.decoder_prefix(self.compress(context))
-        positions = torch.arange(context.shape[1], device=context.device).expand_as(context)
-        tokens = self.decoder.embedding(input_ids=context, position_ids=positions)
-        logits = self.decoder_logits(torch.cat([prefix, tokens], dim=0))[:, k:]  # from [AE] onwards
-        end = torch.full_like(context[:, :1], self.end_token_id)
-        targets = torch.cat([context, end], dim=1)
-        loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float().contiguous(), targets)
-        with torch.no_grad():
-            correct = vocab_parallel_argmax(logits, self.real_vocab_size) == targets
-        return loss, correct
+        return self.reconstruction_loss(self.decoder_prefix(self.compress(context)), context)
+
+    def reconstruction_loss(self, prefix: torch.Tensor, context: torch.Tensor):
+        """`forward` after any decoder prefix [P, b, h] ending in the [AE] position (the memory controls feed
+        other prefixes than the memory)."""
+        return teacher_forced_loss(self.decoder, prefix, context, self.end_token_id, self.real_vocab_size)
 
     # ---- checkpointing: the trainable parts only ----------------------------------------------------------
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
@@ -107,6 +101,22 @@ class ICAEModel(MegatronModule):
         if strict and (missing or result.unexpected_keys):
             raise RuntimeError(f"ICAE state dict: missing {missing}, unexpected {result.unexpected_keys}")
         return result
+
+
+def teacher_forced_loss(decoder, prefix: torch.Tensor, context: torch.Tensor, end_token_id: int,
+                        real_vocab_size: int):
+    """Decoder input [prefix, e(c_1..c_L)] -> (per-token loss [b, L + 1], correct [b, L + 1]) on the targets
+    c_1..c_L, <end>, predicted from the prefix's last position ([AE]) onwards. `decoder` is a GPTModel."""
+    positions = torch.arange(context.shape[1], device=context.device).expand_as(context)
+    tokens = decoder.embedding(input_ids=context, position_ids=positions)
+    logits = decoder(input_ids=None, position_ids=None, attention_mask=None,
+                     decoder_input=torch.cat([prefix, tokens], dim=0))[:, prefix.shape[0] - 1:]
+    end = torch.full_like(context[:, :1], end_token_id)
+    targets = torch.cat([context, end], dim=1)
+    loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float().contiguous(), targets)
+    with torch.no_grad():
+        correct = vocab_parallel_argmax(logits, real_vocab_size) == targets
+    return loss, correct
 
 
 def vocab_parallel_argmax(logits: torch.Tensor, real_vocab_size: int) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ccmega.presets import ModelPreset, padded_vocab_size
+from ccmega.runtime.placement import device
 
 
 def transformer_engine_available() -> bool:
@@ -55,11 +56,13 @@ def transformer_config(
         # Fusions need CUDA kernels (apex/TE); harmless to leave on with TE.
         bias_activation_fusion=not on_cpu,
         masked_softmax_fusion=False,
-        persist_layer_norm=not on_cpu,
+        # apex-only: the local spec's torch RMSNorm refuses it (also on a GPU without TE); TE ignores it
+        persist_layer_norm=False,
         bias_dropout_fusion=not on_cpu,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
-        use_cpu_initialization=on_cpu,
+        # weights are created where they will live: on the rank's GPU (or the fake device's stand-in)
+        use_cpu_initialization=device().type == "cpu",
     )
     fields.update(overrides)
     return TransformerConfig(**fields)
@@ -82,7 +85,7 @@ def layer_spec(use_transformer_engine: bool | None = None):
 
 def build_model(preset: ModelPreset, config, pre_process: bool | None = None,
                 post_process: bool | None = None, use_transformer_engine: bool | None = None):
-    """One pipeline stage of the GPTModel for this rank (stage chosen by parallel_state)."""
+    """One pipeline stage of the GPTModel for this rank (stage chosen by parallel_state), on `device()`."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
@@ -101,4 +104,4 @@ def build_model(preset: ModelPreset, config, pre_process: bool | None = None,
         position_embedding_type="rope",
         rotary_base=int(preset.rope_theta),
         rotary_percent=1.0,
-    )
+    ).to(device())  # as Megatron-LM's get_model: modules megatron builds off-device (torch norms) follow

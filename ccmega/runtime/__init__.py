@@ -1,4 +1,5 @@
-"""Distributed start-up: torch.distributed + megatron parallel_state from torchrun or SLURM variables."""
+"""Distributed start-up (torch.distributed + megatron parallel_state from torchrun or SLURM variables) and
+`device()`, the one name of this rank's device."""
 from ccmega.runtime.distributed import (  # noqa: F401
     DistEnv,
     destroy,
@@ -8,3 +9,4 @@ from ccmega.runtime.distributed import (  # noqa: F401
     session,
     set_seed,
 )
+from ccmega.runtime.placement import device, stand_in, to_device  # noqa: F401

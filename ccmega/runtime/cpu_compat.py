@@ -14,6 +14,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 _applied = False
+_redirect: _CudaRedirect | None = None  # the mode apply() pushed
 
 
 def _is_cuda_device(device) -> bool:
@@ -24,22 +25,27 @@ def _is_cuda_device(device) -> bool:
     return torch.device(device).type == "cuda"
 
 
-class _CudaToCpu(TorchFunctionMode):
-    """Redirects tensor creation/moves aimed at CUDA to the CPU."""
+class _CudaRedirect(TorchFunctionMode):
+    """Redirects tensor creation/moves aimed at CUDA to `target`: the CPU, or the stand-in accelerator of
+    the fake-device mode (`redirect_cuda_to`)."""
+
+    def __init__(self, target: torch.device):
+        super().__init__()
+        self.target = target
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if _is_cuda_device(kwargs.get("device")):
-            kwargs["device"] = "cpu"
+            kwargs["device"] = self.target
         if func is torch.Tensor.cuda:
-            return args[0]
+            return args[0].to(self.target)
         if func is torch.Tensor.to and len(args) > 1 and isinstance(args[1], (str, int, torch.device)):
             if _is_cuda_device(args[1]):
-                args = (args[0], "cpu") + tuple(args[2:])
+                args = (args[0], self.target) + tuple(args[2:])
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             # clip_grads asserts grad.type() == 'torch.cuda.FloatTensor'; report the CUDA twin.
             name = func(*args)
-            return name.replace("torch.", "torch.cuda.", 1) if "cuda" not in name else name
+            return "torch.cuda." + name.split(".")[-1] if args[0].device == self.target else name
         return func(*args, **kwargs)
 
 
@@ -75,7 +81,7 @@ def _cpu_set_rng_state(state, *_, **__):
 
 def apply() -> None:
     """Patch torch.cuda and megatron-core for CPU execution. Idempotent; does nothing with CUDA."""
-    global _applied
+    global _applied, _redirect
     if _applied or torch.cuda.is_available():
         return
     _applied = True
@@ -103,4 +109,18 @@ def apply() -> None:
 
     # The mode stays pushed for the life of the process: megatron creates CUDA tensors lazily
     # (optimizer steps, grad clipping, checkpoint loading), not only while building the model.
-    _CudaToCpu().__enter__()
+    _redirect = _CudaRedirect(torch.device("cpu"))
+    _redirect.__enter__()
+
+
+@contextlib.contextmanager
+def redirect_cuda_to(target: str | torch.device):
+    """CUDA requests land on `target` instead of the CPU inside the block (the fake-device mode aims
+    them at its stand-in accelerator). Needs `apply()` first."""
+    if _redirect is None:
+        raise RuntimeError("cpu_compat.apply() has not run (CUDA is available?): nothing to redirect")
+    previous, _redirect.target = _redirect.target, torch.device(target)
+    try:
+        yield
+    finally:
+        _redirect.target = previous

@@ -97,6 +97,13 @@ def initialize(
         cpu_compat.apply()
     from megatron.core import parallel_state
 
+    if parallel_state.model_parallel_is_initialized():
+        existing = (parallel_state.get_tensor_model_parallel_world_size(),
+                    parallel_state.get_pipeline_model_parallel_world_size())
+        if existing != (tensor_parallel, pipeline_parallel):
+            raise ValueError(f"megatron's parallel groups already exist with TP {existing[0]} x PP {existing[1]}; "
+                             f"this command asked for TP {tensor_parallel} x PP {pipeline_parallel} (run it in its "
+                             "own process, or destroy the groups first)")
     env = dist_env_from_environ()
     if env.world_size % (tensor_parallel * pipeline_parallel):
         raise ValueError(

@@ -89,10 +89,13 @@ def _check_splits_have_documents(paths: list[str], split_matrix, split: str) -> 
 
 def global_batch(dataset, first_sample: int, global_batch_size: int, micro_batch_size: int,
                  dp_rank: int, dp_size: int) -> list[dict[str, torch.Tensor]]:
-    """This DP rank's micro-batches of the global batch starting at sample `first_sample`.
+    """This DP rank's micro-batches of the global batch starting at sample `first_sample`, on this rank's
+    device (`ccmega.runtime.device()`: the one move of the pretraining and ICAE data paths).
 
     Each micro-batch step takes micro_batch_size x dp_size consecutive samples; rank r takes its slice
     (as MegatronPretrainingSampler does). Indices wrap around the dataset (only validation reuses)."""
+    from ccmega.runtime import to_device
+
     per_step = micro_batch_size * dp_size
     if global_batch_size % per_step:
         raise ValueError(f"global batch {global_batch_size} is not a multiple of micro-batch "
@@ -102,7 +105,8 @@ def global_batch(dataset, first_sample: int, global_batch_size: int, micro_batch
     for start in range(first_sample, first_sample + global_batch_size, per_step):
         first = start + dp_rank * micro_batch_size
         samples = [dataset[(first + j) % n] for j in range(micro_batch_size)]
-        micro_batches.append({key: torch.stack([s[key] for s in samples]) for key in ("tokens", "labels", "loss_mask")})
+        micro_batches.append(to_device({key: torch.stack([s[key] for s in samples])
+                                        for key in ("tokens", "labels", "loss_mask")}))
     return micro_batches
 
 

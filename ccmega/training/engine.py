@@ -107,7 +107,9 @@ def _reduced_losses(losses: list[dict], key: str) -> float:
     """Mean of the micro-batch losses on the last stage, averaged over DP ranks and broadcast to all."""
     from megatron.core import parallel_state as ps
 
-    value = torch.zeros(1, dtype=torch.float64)
+    from ccmega.runtime import device
+
+    value = torch.zeros(1, dtype=torch.float64, device=device())  # NCCL reduces device tensors only
     if ps.is_pipeline_last_stage(ignore_virtual=True) and losses:
         value[0] = torch.stack([d[key].double() for d in losses]).mean()
         torch.distributed.all_reduce(value, group=ps.get_data_parallel_group())

@@ -54,6 +54,12 @@ class ContextSamples:
     def __getitem__(self, i: int) -> torch.Tensor:
         return torch.from_numpy(self.reader[i][:self.context_tokens].astype(np.int64))
 
+    def batch(self, indices) -> torch.Tensor:
+        """Samples `indices` as one [b, L] batch on this rank's device (the evaluation path's one move)."""
+        from ccmega.runtime import device
+
+        return torch.stack([self[i] for i in indices]).to(device())
+
 
 class EpochShuffled:
     """Samples in a fresh seeded order every epoch; an epoch is the whole global batches that fit.

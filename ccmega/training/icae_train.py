@@ -6,33 +6,28 @@
 
 Encoder LLM_Di and decoder LLM_Dj come from two independent pretraining checkpoints (any sizes and
 recipes; their presets are read from the checkpoints' metadata; their tokenizers must be the same).
-Trainable: the encoder, k memory embeddings, the [AE] embedding and the projector. The decoder is frozen
-(no gradients, not in DDP buckets or the optimizer, dropout off) and never saved: an ICAE checkpoint
-holds the trainable parts, the optimizer and scheduler, plus the decoder checkpoint's path and a SHA-256
-of its files, checked again on resume and by `load_icae`. TP and DP (optionally with the distributed
-optimizer); PP > 1 is refused. Defaults are Table 7's: 3 epochs, 32 samples per device and no
-accumulation, linear LR 1e-4 -> 1e-5 after 100 warmup steps, weight decay 0.1, k = 128, r = 4 (L = 512).
-Checkpoints, resume, signals and logging work as in `ccmega pretrain`; the log adds the reconstruction
-token accuracy (teacher-forced argmax == target, over the L context tokens and the end token).
+Both start from their checkpoints' weights. Trainable: the encoder, k memory embeddings, the [AE]
+embedding and the projector. The decoder is frozen (no gradients, not in DDP buckets or the optimizer,
+dropout off) and never saved: an ICAE checkpoint holds the trainable parts, the optimizer and
+scheduler, plus the decoder checkpoint's path and a SHA-256 of its files, checked again on resume and
+by `load_icae`. TP and DP (optionally with the distributed optimizer); PP > 1 is refused. Defaults are
+Table 7's: 3 epochs, 32 samples per device and no accumulation, linear LR 1e-4 -> 1e-5 after 100 warmup
+steps, weight decay 0.1, k = 128, r = 4 (L = 512). The loop (ccmega/training/loop.py) is pretraining's:
+checkpoints, resume checks, signals and logging are the same; the log adds the reconstruction token
+accuracy (teacher-forced argmax == target, over the L context tokens and the end token).
 See docs/icae.md.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 
-from ccmega.config import ConfigError, dump_yaml, parse_config
+from ccmega.config import ConfigError, parse_config
 from ccmega.presets import FINETUNE_HPARAMS as T7
-from ccmega.training.pretrain import (EXIT_NON_FINITE, LoggingSection, PrecisionSection, SkipCounter, StopRequest,
-                                      _write_status, build_scheduler, current_lr, model_config)
+from ccmega.training.sections import (CheckpointSection, LoggingSection, OptimSection, PrecisionSection,
+                                      TrainSection)
 
-EXIT_CONFIG = 2
-
-
-# ---- config ----------------------------------------------------------------------------------------
 
 @dataclass
 class ModelSection:
@@ -53,45 +48,17 @@ class DataSection:
 
 
 @dataclass
-class TrainSection:
-    epochs: int = T7.epochs
-    steps: int | None = None  # None: epochs x (whole global batches in the split)
-    micro_batch_size: int = T7.micro_batch_size  # per device
-    global_batch_size: int | None = None  # None: micro-batch x DP (Table 7: no accumulation)
-    seed: int = 1234  # ICAE parameter init and the per-epoch shuffle
-    distributed_optimizer: bool = False
-    max_skipped_in_a_row: int = 10
-
-
-@dataclass
-class OptimSection:
-    max_lr: float = T7.max_lr
-    min_lr: float = T7.min_lr
-    warmup_steps: int = T7.warmup_steps
-    lr_decay_steps: int | None = None  # None: train steps (linear over the whole run)
-    lr_decay_style: str = T7.lr_schedule
-    weight_decay: float = T7.weight_decay
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-
-
-@dataclass
-class CheckpointSection:
-    save_interval: int = 500  # steps; 0: only at the end and on signals
-    resume: bool = True  # continue from RUN_DIR/checkpoints/latest when it exists
-
-
-@dataclass
 class ICAETrainConfig:
     run_dir: str = "runs/icae"
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
-    train: TrainSection = field(default_factory=TrainSection)
-    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=lambda: TrainSection(
+        epochs=T7.epochs, global_batch_size=None, micro_batch_size=T7.micro_batch_size))
+    optim: OptimSection = field(default_factory=lambda: OptimSection(
+        max_lr=T7.max_lr, min_lr=T7.min_lr, warmup_steps=T7.warmup_steps, lr_decay_style=T7.lr_schedule,
+        weight_decay=T7.weight_decay))
     precision: PrecisionSection = field(default_factory=PrecisionSection)
-    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    checkpoint: CheckpointSection = field(default_factory=lambda: CheckpointSection(save_interval=500))
     logging: LoggingSection = field(default_factory=lambda: LoggingSection(eval_interval=0))
 
 
@@ -113,6 +80,7 @@ SHORTCUTS = {
     "--distributed-optimizer": ("train.distributed_optimizer", "shard optimizer state over DP (true/false)"),
     "--lr": ("optim.max_lr", "peak learning rate"),
     "--warmup-steps": ("optim.warmup_steps", "linear warmup steps"),
+    "--fp8": ("precision.fp8", "FP8 format through Transformer Engine: hybrid or e4m3"),
     "--save-interval": ("checkpoint.save_interval", "steps between checkpoints"),
     "--eval-interval": ("logging.eval_interval", "steps between validations (needs --valid-data)"),
 }
@@ -168,52 +136,43 @@ def plan(cfg: ICAETrainConfig) -> Plan:
         if manifest and manifest.get("tokenizer", {}).get("identity") not in (None, tokenizer["identity"]):
             raise ConfigError(f"tokenizer mismatch: data {prefix} was tokenized with {manifest['tokenizer']['path']}, "
                               f"the encoder {encoder['path']} with {tokenizer['path']}")
+    return Plan(encoder=encoder, decoder=decoder, context_tokens=_checked_context_length(cfg, encoder, decoder),
+                tokenizer=tokenizer)
+
+
+def _checked_context_length(cfg: ICAETrainConfig, encoder: dict, decoder: dict) -> int:
     L = context_length(cfg)
     for role, meta in (("encoder", encoder), ("decoder", decoder)):
         positions = meta["model_preset"]["max_position_embeddings"]
         if L + cfg.model.num_memory_slots + 1 > positions:
             raise ConfigError(f"{role} preset {meta['model_preset']['name']} has {positions} positions, fewer than "
                               f"L + k + 1 = {L + cfg.model.num_memory_slots + 1}")
-    return Plan(encoder=encoder, decoder=decoder, context_tokens=L, tokenizer=tokenizer)
+    return L
 
 
-def hash_checkpoint_files(iter_dir: str) -> str:
-    """SHA-256 over every file of a checkpoint dir (relative names and bytes, sorted by name)."""
-    digest = hashlib.sha256()
-    for root, dirs, files in os.walk(iter_dir):
-        dirs.sort()
-        for name in sorted(files):
-            path = os.path.join(root, name)
-            digest.update(os.path.relpath(path, iter_dir).encode() + b"\0")
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 22), b""):
-                    digest.update(block)
-    return digest.hexdigest()
+def dry_plan(cfg: ICAETrainConfig, dry) -> Plan:
+    """The plan of a dry run: checkpoints that are not here are stood in for by --encoder/--decoder-preset."""
+    from ccmega.presets import model_preset
+    from ccmega.training.checkpointing import read_checkpoint_metadata
 
+    if cfg.model.pipeline_parallel != 1:
+        raise ConfigError(f"ICAE does not support pipeline parallelism (model.pipeline_parallel="
+                          f"{cfg.model.pipeline_parallel}); use tensor and data parallelism")
+    metas = {}
+    for role, path, preset in (("encoder", cfg.model.encoder, dry.args.encoder_preset),
+                               ("decoder", cfg.model.decoder, dry.args.decoder_preset)):
+        if path and dry.available(path, what=f"{role} checkpoint"):
+            metas[role] = read_checkpoint_metadata(path)
+        elif preset:
+            metas[role] = {"path": path, "model_preset": asdict(model_preset(preset)), "tokenizer": None}
+        else:
+            raise ConfigError(f"the {role} checkpoint is not here: give --{role}-preset NAME for the dry run")
+    if metas["encoder"]["tokenizer"] and metas["decoder"]["tokenizer"]:
+        check_pair(metas["encoder"], metas["decoder"])
+    return Plan(encoder=metas["encoder"], decoder=metas["decoder"],
+                context_tokens=_checked_context_length(cfg, metas["encoder"], metas["decoder"]),
+                tokenizer=metas["encoder"]["tokenizer"] or {"path": None, "identity": None})
 
-def decoder_params_sha256(decoder) -> list[str]:
-    """SHA-256 of the decoder's parameters, one per TP rank (gathered): proof the frozen decoder is untouched."""
-    import torch
-    from megatron.core import parallel_state as ps
-
-    digest = hashlib.sha256()
-    for name, param in sorted(decoder.named_parameters()):
-        digest.update(name.encode())
-        digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    hashes = [None] * ps.get_tensor_model_parallel_world_size()
-    torch.distributed.all_gather_object(hashes, digest.hexdigest(), group=ps.get_tensor_model_parallel_group())
-    return hashes
-
-
-def _broadcast(value):
-    import torch
-
-    box = [value]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-# ---- building the ICAE ------------------------------------------------------------------------------
 
 def end_token_of(tokenizer: dict, override: int | None) -> int:
     if override is not None:
@@ -227,76 +186,19 @@ def end_token_of(tokenizer: dict, override: int | None) -> int:
                           "set model.end_token_id") from None
 
 
-def build_icae(encoder_preset, decoder_preset, encoder_config, decoder_config, num_memory_slots: int,
-               end_token_id: int, seed: int):
-    """Encoder and decoder GPTModels for this rank (TP shards) wrapped in an ICAEModel (random weights)."""
-    from ccmega.models.icae import ICAEModel
-    from ccmega.models.qwen3 import build_model
-
-    encoder = build_model(encoder_preset, encoder_config)
-    decoder = build_model(decoder_preset, decoder_config)
-    return ICAEModel(encoder, decoder, num_memory_slots=num_memory_slots, end_token_id=end_token_id,
-                     real_vocab_size=decoder_preset.vocab_size, seed=seed)
-
-
-def load_icae(icae_checkpoint: str, decoder_checkpoint: str | None = None, verify_decoder: bool = True,
-              params_dtype=None):
-    """Rebuild a trained ICAE for evaluation: encoder + trainable parts from the ICAE checkpoint, the frozen
-    decoder from the pretraining checkpoint it was trained against (or `decoder_checkpoint`).
-
-    Needs torch.distributed and megatron parallel_state initialised (e.g. `ccmega.runtime.initialize(tp)`);
-    works at any TP (dist_checkpointing reshards). `verify_decoder` re-hashes the decoder checkpoint's files
-    and refuses a decoder that differs from the one trained against. params_dtype: None = bf16 on GPU,
-    fp32 on CPU. Returns the ICAEModel in eval mode, on the current device."""
-    import torch
-    from megatron.core import dist_checkpointing
-    from megatron.core import parallel_state as ps
-
-    from ccmega.models.qwen3 import transformer_config
-    from ccmega.presets import ModelPreset
-    from ccmega.training.checkpointing import load_model_weights, read_checkpoint_metadata
-
-    if not ps.model_parallel_is_initialized():
-        raise RuntimeError("load_icae needs megatron parallel_state: call ccmega.runtime.initialize(tp) first")
-    meta = read_checkpoint_metadata(icae_checkpoint)
-    if "icae" not in meta:
-        raise ValueError(f"{meta['path']} is not an ICAE checkpoint (no 'icae' metadata): a pretraining checkpoint?")
-    icae = meta["icae"]
-    decoder_path = decoder_checkpoint or icae["decoder"]["checkpoint"]
-    decoder_meta = read_checkpoint_metadata(decoder_path)
-    if verify_decoder:
-        found = hash_checkpoint_files(decoder_meta["path"]) if torch.distributed.get_rank() == 0 else None
-        found = _broadcast(found)
-        if found != icae["decoder"]["files_sha256"]:
-            raise ValueError(f"decoder checkpoint {decoder_meta['path']} differs from the one this ICAE was trained "
-                             f"against ({icae['decoder']['checkpoint']}, sha256 {icae['decoder']['files_sha256'][:16]}"
-                             f"...; now {found[:16]}...); pass verify_decoder=False to use it anyway")
-    if params_dtype is None:
-        params_dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    tp = ps.get_tensor_model_parallel_world_size()
-    presets = [ModelPreset(**icae[role]["model_preset"]) for role in ("encoder", "decoder")]
-    configs = [transformer_config(p, tp, 1, params_dtype=params_dtype) for p in presets]
-    model = build_icae(*presets, *configs, icae["num_memory_slots"], icae["end_token_id"], seed=0)
-    load_model_weights(model.decoder, decoder_meta["path"])
-    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, meta["path"])
-    model.load_state_dict(loaded["model"])
-    return model.eval()
-
-
 # ---- the forward step ----------------------------------------------------------------------------------
 
 class ICAEForwardStep:
     """megatron forward_step: reconstruction loss per micro-batch; counts correct tokens on the side
     (the schedule only returns losses) for the token accuracy of the step."""
 
-    def __init__(self, device):
-        self.device = device
+    def __init__(self):
         self.correct, self.total = 0, 0
 
     def __call__(self, data_iterator, model):
         from ccmega.training.engine import masked_lm_loss
 
-        context = next(data_iterator)["tokens"].to(self.device)
+        context = next(data_iterator)["tokens"]
         per_token, correct = model(context)
 
         def loss_func(output):
@@ -306,15 +208,17 @@ class ICAEForwardStep:
 
         return per_token, loss_func
 
-    def accuracy(self) -> float:
+    def metrics(self) -> dict:
         """Token accuracy since the last call, over the data-parallel group; resets the counts."""
         import torch
         from megatron.core import parallel_state as ps
 
-        counts = torch.tensor([self.correct, self.total], dtype=torch.float64)
+        from ccmega.runtime import device
+
+        counts = torch.tensor([self.correct, self.total], dtype=torch.float64, device=device())
         torch.distributed.all_reduce(counts, group=ps.get_data_parallel_group())
         self.correct, self.total = 0, 0
-        return float(counts[0] / counts[1]) if counts[1] else float("nan")
+        return {"token_accuracy": float(counts[0] / counts[1]) if counts[1] else float("nan")}
 
 
 def torch_ones_like(t):
@@ -333,44 +237,20 @@ def icae_flops_per_sample(encoder_preset, decoder_preset, k: int, L: int) -> flo
     return flops_per_token(encoder_preset, enc_s) * enc_s + 2 / 3 * flops_per_token(decoder_preset, dec_s) * dec_s
 
 
-# ---- main -----------------------------------------------------------------------------------------
+# ---- the task -----------------------------------------------------------------------------------------
 
-def main(argv: list[str] | None = None) -> int:
-    cfg, _ = parse_config(ICAETrainConfig, sys.argv[1:] if argv is None else argv, SHORTCUTS,
-                          description=__doc__, prog="ccmega icae-train")
-    try:
-        the_plan = plan(cfg)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"ccmega icae-train: error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    return run(cfg, the_plan)
-
-
-def run(cfg: ICAETrainConfig, the_plan: Plan) -> int:
-    from ccmega import runtime
-
-    with runtime.session(cfg.model.tensor_parallel, 1, seed=cfg.train.seed) as env:
-        return _run(env, cfg, the_plan)
-
-
-def _run(env, cfg: ICAETrainConfig, the_plan: Plan) -> int:
-    import torch
+def build_task(env, cfg: ICAETrainConfig, the_plan: Plan, dry=None):
+    """The ICAE Task for this rank. `dry` (a dry run): no weights are read, and data that is not on this
+    machine is stood in for."""
     from megatron.core import parallel_state as ps
 
+    from ccmega.models.icae_checkpoint import build_icae, decoder_params_sha256, hash_checkpoint_files
     from ccmega.presets import ModelPreset
-    from ccmega.training import checkpointing as ckpt
-    from ccmega.training.data import global_batch
-    from ccmega.training.engine import build_training_setup, evaluate_loss, train_step
+    from ccmega.training.checkpointer import computed_on_rank0, dataset_fingerprint
+    from ccmega.training.checkpointing import load_model_weights
     from ccmega.training.icae_data import ContextSamples, EpochShuffled, InOrder
-    from ccmega.training.logging_utils import MetricsLogger, default_peak_tflops, print_rank0
-
-    stop = StopRequest()
-    rank0 = env.rank == 0
-    run_dir = os.path.abspath(cfg.run_dir)
-    if rank0:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-            f.write(dump_yaml(cfg))
+    from ccmega.training.logging_utils import print_rank0
+    from ccmega.training.loop import Task, model_config, schedule_identity
 
     k, L = cfg.model.num_memory_slots, the_plan.context_tokens
     enc_preset = ModelPreset(**the_plan.encoder["model_preset"])
@@ -379,45 +259,53 @@ def _run(env, cfg: ICAETrainConfig, the_plan: Plan) -> int:
     if not 0 <= end_token < min(enc_preset.vocab_size, dec_preset.vocab_size):
         raise ConfigError(f"end token {end_token} is outside the vocabulary of {enc_preset.name} "
                           f"({enc_preset.vocab_size}) or {dec_preset.name} ({dec_preset.vocab_size})")
-    enc_config, dtype = model_config(cfg, enc_preset)
-    dec_config, _ = model_config(cfg, dec_preset)
+    tp = cfg.model.tensor_parallel
+    enc_config, dtype = model_config(cfg.precision, enc_preset, tp, 1)
+    dec_config, _ = model_config(cfg.precision, dec_preset, tp, 1)
     model = build_icae(enc_preset, dec_preset, enc_config, dec_config, k, end_token, cfg.train.seed)
-    decoder_files_sha256 = _broadcast(hash_checkpoint_files(the_plan.decoder["path"]) if rank0 else None)
-    ckpt.load_model_weights(model.decoder, the_plan.decoder["path"])
-    decoder_sha = decoder_params_sha256(model.decoder)
+    if dry is None:
+        decoder_files_sha256 = computed_on_rank0(lambda: hash_checkpoint_files(the_plan.decoder["path"]))
+        load_model_weights(model.decoder, the_plan.decoder["path"])
+        decoder_sha = decoder_params_sha256(model.decoder)
 
-    o = cfg.optim
-    setup = build_training_setup([model], enc_config, lr=o.max_lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
-                                 adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
-                                 clip_grad=o.clip_grad, use_distributed_optimizer=cfg.train.distributed_optimizer)
+    def load_initial_weights():
+        load_model_weights(model.encoder, the_plan.encoder["path"])
+        print_rank0(f"[ccmega] encoder initialised from {the_plan.encoder['path']}")
 
-    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    def check_decoder_untouched():
+        if decoder_params_sha256(model.decoder) != decoder_sha:  # cannot happen unless freezing broke
+            raise RuntimeError("the frozen decoder's parameters changed during training")
+
+    dp = ps.get_data_parallel_world_size()
     mbs = cfg.train.micro_batch_size
-    gbs = cfg.train.global_batch_size or mbs * dp_size
-    train_data = EpochShuffled(ContextSamples(cfg.data.path, L), gbs, cfg.train.seed)
+    gbs = cfg.train.global_batch_size or mbs * dp
+    from ccmega.training.dry_run import SyntheticContexts
+
+    if dry is None or dry.available(cfg.data.path + ".bin", cfg.data.path + ".idx", what="fine-tune data"):
+        samples = ContextSamples(cfg.data.path, L)
+    else:
+        samples = SyntheticContexts(L, count=gbs)
+    train_data = EpochShuffled(samples, gbs, cfg.train.seed)
     steps_per_epoch = train_data.epoch_samples // gbs
     steps = cfg.train.steps or cfg.train.epochs * steps_per_epoch
-    decay_steps = o.lr_decay_steps or steps
-    if o.warmup_steps >= decay_steps:
-        raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be below the decay steps ({decay_steps}): "
-                          "lower it for short runs (e.g. --warmup-steps 2)")
-    scheduler = build_scheduler(setup.optimizer, o, steps)
+    if dry is not None:
+        if isinstance(samples, SyntheticContexts) and not cfg.train.steps:
+            dry.not_checked.append("the schedule: train.steps defaults to epochs of the fine-tune data (give --steps N)")
+            steps = max(cfg.optim.warmup_steps, cfg.optim.lr_decay_steps or 0) + 1
+        return Task(modules=[model], config=enc_config, forward_step=ICAEForwardStep(), train_data=train_data,
+                    steps=steps, global_batch_size=gbs, micro_batch_size=mbs, seq_length=L + 1, tokens_per_sample=L,
+                    flops_per_sample=icae_flops_per_sample(enc_preset, dec_preset, k, L), metadata={}, identity={},
+                    banner=f"[ccmega] icae-train {enc_preset.name} -> {dec_preset.name} (dry run)")
     valid_data = InOrder(ContextSamples(cfg.data.valid_path, L)) if cfg.data.valid_path else None
     eval_batches = min(cfg.logging.eval_iters, len(valid_data) // gbs) if valid_data and cfg.logging.eval_interval else 0
 
-    iteration = consumed = 0
-    skips = SkipCounter(cfg.train.max_skipped_in_a_row)
-    ckpt_dir = ckpt.checkpoints_dir(run_dir)
-    if cfg.checkpoint.resume and ckpt.latest_iter_dir(ckpt_dir):
-        saved = ckpt.read_checkpoint_metadata(ckpt_dir)
-        if saved["icae"]["decoder"]["files_sha256"] != decoder_files_sha256:
-            raise ConfigError(f"{saved['path']} was trained against decoder {saved['icae']['decoder']['checkpoint']} "
-                              f"with other bytes than {the_plan.decoder['path']} has now: refusing to resume")
-        progress = ckpt.load_checkpoint(ckpt_dir, setup.model, setup.optimizer, scheduler)
-        iteration, consumed = progress["iteration"], progress["consumed_samples"]
-        skips.total = progress.get("skipped_steps", 0)
-        print_rank0(f"[ccmega] resumed from {progress['path']}: iteration {iteration}, {consumed} samples consumed"
-                    + (" (layout changed: RNG state not restored)" if progress["layout_changed"] else ""))
+    data_path = os.path.abspath(cfg.data.path)
+    identity = {"model.encoder_preset": asdict(enc_preset), "model.decoder_preset": asdict(dec_preset),
+                "model.decoder_files_sha256": decoder_files_sha256, "model.num_memory_slots": k,
+                "model.encoder": the_plan.encoder["path"], "data.tokenizer": the_plan.tokenizer["identity"],
+                "data.context_tokens": L, "data.path": data_path,
+                "data.fingerprint": computed_on_rank0(lambda: dataset_fingerprint(data_path)),
+                **schedule_identity(cfg, steps, gbs)}
 
     def role(meta, preset, **extra):
         return {"checkpoint": meta["path"], "model_preset": asdict(preset), **extra}
@@ -428,95 +316,51 @@ def _run(env, cfg: ICAETrainConfig, the_plan: Plan) -> int:
                  "encoder": role(the_plan.encoder, enc_preset),
                  "decoder": role(the_plan.decoder, dec_preset, files_sha256=decoder_files_sha256,
                                  params_sha256=decoder_sha),
-                 "data": os.path.abspath(cfg.data.path)},
+                 "data": data_path},
     }
-
-    def save():
-        if decoder_params_sha256(model.decoder) != decoder_sha:  # cannot happen unless freezing broke
-            raise RuntimeError("the frozen decoder's parameters changed during training")
-        progress = {"iteration": iteration, "consumed_samples": consumed, "skipped_steps": skips.total}
-        t = time.perf_counter()
-        path = ckpt.save_checkpoint(run_dir, setup.model, setup.optimizer, scheduler, progress, metadata)
-        print_rank0(f"[ccmega] saved {path} in {time.perf_counter() - t:.1f} s")
-
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    forward_step = ICAEForwardStep(device)
-    tokens_per_step = gbs * L  # context tokens compressed and reconstructed
-    flops_sample = icae_flops_per_sample(enc_preset, dec_preset, k, L)
-    peak = cfg.logging.peak_tflops or default_peak_tflops(cfg.precision.fp8)
-    logger = MetricsLogger(run_dir, enabled=rank0, tensorboard=cfg.logging.tensorboard)
+    forward_step = ICAEForwardStep()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print_rank0(
-        f"[ccmega] icae-train encoder {enc_preset.name} ({the_plan.encoder['path']}) -> frozen decoder "
-        f"{dec_preset.name} ({the_plan.decoder['path']}); k={k} slots, L={L} tokens (r={L / k:g}); "
-        f"{trainable / 1e6:.2f} M trainable params on this rank; {env.world_size} rank(s): TP "
-        f"{ps.get_tensor_model_parallel_world_size()} x DP {dp_size}"
-        f"{' (distributed optimizer)' if cfg.train.distributed_optimizer else ''}; {dtype}; {steps} steps x {gbs} "
-        f"samples ({steps_per_epoch} steps/epoch, {len(train_data.samples)} samples in {cfg.data.path}); lr "
-        f"{o.lr_decay_style} {o.max_lr:g} -> {o.min_lr:g}, warmup {o.warmup_steps}; run dir {run_dir}")
+    banner = (f"[ccmega] icae-train encoder {enc_preset.name} ({the_plan.encoder['path']}) -> frozen decoder "
+              f"{dec_preset.name} ({the_plan.decoder['path']}); k={k} slots, L={L} tokens (r={L / k:g}); "
+              f"{trainable / 1e6:.2f} M trainable params on this rank; {env.world_size} rank(s): TP {tp} x DP {dp}"
+              f"{' (distributed optimizer)' if cfg.train.distributed_optimizer else ''}; {dtype}; {steps} steps x "
+              f"{gbs} samples ({steps_per_epoch} steps/epoch, {len(train_data.samples)} samples in {cfg.data.path})")
+    return Task(modules=[model], config=enc_config, forward_step=forward_step, train_data=train_data, steps=steps,
+                global_batch_size=gbs, micro_batch_size=mbs, seq_length=L + 1, tokens_per_sample=L,
+                flops_per_sample=icae_flops_per_sample(enc_preset, dec_preset, k, L), metadata=metadata,
+                identity=identity, banner=banner, valid_data=valid_data, eval_batches=eval_batches,
+                validate_at_start=True, load_initial_weights=load_initial_weights,
+                step_metrics=forward_step.metrics, epoch_of=train_data.epoch_of,
+                check_before_save=check_decoder_untouched)
 
-    def validate():
-        losses = []
-        for b in range(eval_batches):
-            batches = global_batch(valid_data, b * gbs, gbs, mbs, dp_rank, dp_size)
-            losses.append(evaluate_loss(setup, iter(batches), len(batches), L + 1, mbs, forward_step))
-        loss, acc = sum(losses) / len(losses), forward_step.accuracy()
-        logger.log("valid", iteration, {"loss": loss, "token_accuracy": acc},
-                   f"[ccmega] step {iteration:>7d} | validation loss {loss:.4f} | token accuracy {100 * acc:.2f}%")
 
-    last_saved = iteration if iteration else -1
-    exit_code, state = 0, "finished"
-    if eval_batches and iteration == 0:
-        validate()  # the starting point: random memory slots and projector
-    while iteration < steps:
-        t0 = time.perf_counter()
-        batches = global_batch(train_data, consumed, gbs, mbs, dp_rank, dp_size)
-        epoch = train_data.epoch_of(consumed)
-        lr = current_lr(setup.optimizer)
-        result = train_step(setup, iter(batches), len(batches), L + 1, mbs, forward_step, skip_non_finite_loss=True)
-        accuracy = forward_step.accuracy()
-        if result.update_successful:
-            scheduler.step(1)
-        skips.update(result.update_successful)
-        iteration += 1
-        consumed += gbs
-        step_time = time.perf_counter() - t0
-        tflops = flops_sample * gbs / step_time / env.world_size / 1e12
-        if iteration % cfg.logging.log_interval == 0 or not result.update_successful:
-            values = {"loss": result.loss, "token_accuracy": accuracy, "lr": lr, "grad_norm": result.grad_norm,
-                      "epoch": epoch, "consumed_samples": consumed, "step_time_s": step_time,
-                      "tokens_per_s": tokens_per_step / step_time, "tflops_per_gpu": tflops, "mfu": tflops / peak,
-                      "skipped": not result.update_successful, "skipped_total": skips.total}
-            text = (f"[ccmega] step {iteration:>7d}/{steps} | epoch {epoch} | loss {result.loss:.4f} | token acc "
-                    f"{100 * accuracy:.2f}% | lr {lr:.3e} | grad norm {result.grad_norm:.3f} | "
-                    f"{tokens_per_step / step_time:,.0f} tok/s | {tflops:.2f} TFLOP/s/GPU"
-                    + (" | SKIPPED (non-finite loss)" if values["skipped"] else ""))
-            logger.log("train", iteration, values, text)
-        if skips.exceeded:
-            print_rank0(f"[ccmega] stopping: {skips.in_a_row} steps in a row had a non-finite loss; resume from "
-                        "the last checkpoint with a lower learning rate")
-            exit_code, state = EXIT_NON_FINITE, "diverged"
-            break
-        if eval_batches and iteration % cfg.logging.eval_interval == 0:
-            validate()
-        stopping = stop.agreed()
-        interval = cfg.checkpoint.save_interval
-        if stopping or iteration == steps or (interval and iteration % interval == 0):
-            save()
-            last_saved = iteration
-        if stopping:
-            print_rank0(f"[ccmega] got {stop.signal_name or 'a signal on another rank'}: checkpoint at step "
-                        f"{iteration} saved, exiting")
-            state = "interrupted"
-            break
-    if state == "finished" and last_saved != iteration:
-        save()
-    if rank0:
-        _write_status(run_dir, state=state, iteration=iteration, steps=steps, skipped_steps=skips.total)
-        print(f"[ccmega] {state} at step {iteration}/{steps}; {skips.total} step(s) skipped; run dir {run_dir}",
-              flush=True)
-    logger.close()
-    return exit_code
+# ---- main -----------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    from ccmega.training.loop import EXIT_CONFIG, run
+
+    from ccmega.training import dry_run
+
+    cfg, args = parse_config(ICAETrainConfig, sys.argv[1:] if argv is None else argv, SHORTCUTS,
+                             description=__doc__, prog="ccmega icae-train",
+                             extra_arguments=lambda parser: dry_run.add_arguments(parser, icae=True))
+    dry = dry_run.DryRun(args) if args.dry_run else None
+    try:
+        the_plan = dry_plan(cfg, dry) if dry else plan(cfg)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"ccmega icae-train: error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.dry_run:
+        from ccmega.presets import ModelPreset
+        from ccmega.training.memory import icae_memory_report
+
+        presets = [ModelPreset(**meta["model_preset"]) for meta in (the_plan.encoder, the_plan.decoder)]
+        return dry_run.run("icae-train", cfg, lambda env, cfg, dry: build_task(env, cfg, the_plan, dry), dry,
+                           lambda layout, gib: icae_memory_report(
+                               *presets, layout, cfg.train.micro_batch_size, the_plan.context_tokens,
+                               cfg.model.num_memory_slots, cfg.train.distributed_optimizer,
+                               dry_run.cluster_dtype(cfg.precision), gib, cfg.train.global_batch_size))
+    return run("icae-train", cfg, lambda env, cfg: build_task(env, cfg, the_plan))
 
 
 if __name__ == "__main__":

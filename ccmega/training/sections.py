@@ -1,0 +1,63 @@
+"""Config sections every training command shares (train, optim, precision, checkpoint, logging).
+
+A command's config is a dataclass of these plus its own `model` and `data` sections; a command that
+wants other defaults (Table 7 for the ICAE instead of Table 6) passes them through `default_factory`
+instead of declaring the section again.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ccmega.presets import PRETRAIN_HPARAMS as T6
+
+
+@dataclass
+class TrainSection:
+    steps: int | None = None  # None: `epochs` over the train split
+    epochs: int = 1  # used only when steps is None (Table 6: 1 epoch; Table 7: 3)
+    global_batch_size: int | None = T6.global_batch_size  # None: micro-batch x DP (no accumulation)
+    micro_batch_size: int = T6.micro_batch_size
+    seed: int = 1234
+    distributed_optimizer: bool = False
+    max_skipped_in_a_row: int = 10  # non-finite losses in a row before the run stops
+
+
+@dataclass
+class OptimSection:
+    max_lr: float = T6.max_lr
+    min_lr: float = T6.min_lr
+    warmup_steps: int = T6.warmup_steps  # linear from 0; must be below the decay steps
+    lr_decay_steps: int | None = None  # None: train.steps (decay over the whole run)
+    lr_decay_style: str = T6.lr_schedule
+    weight_decay: float = T6.weight_decay
+    adam_beta1: float = T6.adam_beta1
+    adam_beta2: float = T6.adam_beta2
+    adam_eps: float = 1e-8
+    clip_grad: float = T6.clip_grad
+
+
+@dataclass
+class PrecisionSection:
+    dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU; or bf16 / fp32
+    fp8: str | None = None  # hybrid | e4m3 (Transformer Engine on GPU only)
+    fp8_recipe: str = "tensorwise"  # tensorwise | delayed | blockwise | mxfp8
+    fp8_bf16_layers: int = 0  # keep this many layers at EACH end of the stack in bf16
+
+
+@dataclass
+class CheckpointSection:
+    save_interval: int = 1000  # steps; 0: only at the end and on signals
+    resume: bool = True  # continue from RUN_DIR/checkpoints/latest when it exists
+    keep_last: int | None = None  # keep only the newest N checkpoints (None: keep all)
+    milestone_interval: int = 0  # checkpoints at multiples of this step are never deleted (0: none)
+    # fields whose change against the checkpoint is accepted on resume, e.g. [train.steps, data.paths]
+    allow_changes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggingSection:
+    log_interval: int = 1
+    eval_interval: int = 1000  # steps; 0: never
+    eval_iters: int = 10  # global batches per validation (the same batches every time)
+    tensorboard: bool = True
+    peak_tflops: float | None = None  # per GPU; None: 989 (H800 bf16 dense) or 1979 with FP8
