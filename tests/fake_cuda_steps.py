@@ -102,8 +102,8 @@ def icae_step(args) -> dict:
     result = train_step(setup, iter(batches), len(batches), L + 1, MICRO_BATCH, forward_step)
     out = {"loss": result.loss, "grad_norm": result.grad_norm, "updated": result.update_successful,
            "param_devices": _devices(icae)}
-    if hasattr(forward_step, "accuracy"):
-        out["accuracy"] = forward_step.accuracy()
+    if hasattr(forward_step, "metrics"):  # the command's step: its DP all-reduce of the token counts
+        out["metrics"] = forward_step.metrics()
     return out
 
 

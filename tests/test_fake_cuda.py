@@ -18,9 +18,9 @@ from fake_cuda_steps import SUITE
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the fake device needs a CPU-only process")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The ICAE forward step driven by the ICAE scenario: None for the script's minimal one, or "MODULE:FACTORY"
-# (a zero-argument callable returning the command's forward step; its .accuracy() is called after the step).
-ICAE_FORWARD_STEP = None
+# The ICAE forward step the ICAE scenario drives: "MODULE:FACTORY", a zero-argument callable returning the
+# command's forward step (its .metrics() all-reduce is called after the step); None: the script's minimal one.
+ICAE_FORWARD_STEP = "ccmega.training.icae_train:ICAEForwardStep"
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +60,8 @@ def test_icae_training_step_on_the_device(suite):
     for line in _ranks(suite, "icae_tp2_dp2", range(4)):
         assert line["param_devices"] == ["meta"]
         assert line["updated"]
+        if ICAE_FORWARD_STEP:
+            assert line["metrics"]["token_accuracy"] == 1.0  # counts all-reduced on the device (meta reads ones)
 
 
 def test_evaluation_batch_on_the_device(suite):
