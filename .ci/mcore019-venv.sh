@@ -5,15 +5,19 @@
 #
 #   bash .ci/mcore019-venv.sh VENV_DIR      # prints progress; exits non-zero when the venv is not usable
 #
-# --system-site-packages: the venv sees the CI environment's torch, transformers and the rest (installed
-# just before by .ci/run), so only megatron-core and triton land in it (measured: 38 s against 271 s for
-# a venv that installs everything again). A stamp file records what was built; a venv whose stamp
-# matches is reused, any other is rebuilt from scratch.
+# The venv sees the CI environment's packages (torch, transformers, ...: installed just before by
+# .ci/run) through a .pth file that appends that environment's site-packages after its own, so only
+# megatron-core and triton land in it and its megatron-core shadows 0.16.1 (measured: 38 s, against
+# 271 s for a venv that installs everything again). A .pth rather than --system-site-packages: that
+# flag reaches the base interpreter, not the environment .ci/run installed into when that is a venv.
+# A stamp file records what was built; a venv whose stamp matches is reused, any other is rebuilt.
 set -euo pipefail
 venv=${1:?usage: mcore019-venv.sh VENV_DIR}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 MCORE=megatron-core==0.19.2
-spec="$MCORE torch==2.13.0 triton==3.9.0 numpy<2.5 python=$(python -c 'import sys; print(sys.version.split()[0])') repo=$repo"
+site_of='import sysconfig; print(sysconfig.get_paths()["purelib"])'
+main_site=$(python -c "$site_of")
+spec="$MCORE torch==2.13.0 triton==3.9.0 numpy<2.5 python=$(python -c 'import sys; print(sys.version.split()[0])') main=$main_site repo=$repo"
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 start=$(date +%s)
 
@@ -36,7 +40,9 @@ fi
 
 echo "mcore019-venv: building $venv ($spec)"
 rm -rf "$venv"
-python -m venv --system-site-packages "$venv"
+python -m venv "$venv"
+# addsitedir also runs that environment's own .pth files; zz- sorts it after the venv's.
+echo "import site; site.addsitedir('$main_site')" >"$("$venv/bin/python" -c "$site_of")/zz-ccmega-ci-main-env.pth"
 pip=("$venv/bin/python" -m pip install -q)
 "${pip[@]}" torch==2.13.0 "numpy<2.5" triton==3.9.0
 # --no-deps: megatron-core's own requirements (torch, numpy, packaging) are already there.

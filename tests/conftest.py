@@ -1,5 +1,7 @@
-"""Shared fixtures. Megatron tests of one rank run in the pytest process (one process group for the
-whole session); multi-rank tests launch torchrun through `tests/launch.py`."""
+"""Shared fixtures and the three kinds of test. Megatron tests of one rank run in the pytest process (one
+process group for the whole session): `unit`. Tests that launch real multi-process runs (torchrun, gloo,
+through tests/helpers/launch.py) are `multirank`; tests that run jobs on the local one-node SLURM cluster
+are `cluster`. Select with `-m unit`, `-m multirank`, `-m cluster`. Helpers live in tests/helpers/."""
 import os
 import warnings
 
@@ -8,8 +10,6 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_MINI_PILE = os.path.join(REPO, "..", "shared", "data", "mini_pile")
 
 
 @pytest.fixture(scope="session")
@@ -20,3 +20,9 @@ def megatron_world_of_one():
     env = runtime.initialize(1, 1, seed=1234)
     yield env
     runtime.destroy()
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if not any(item.get_closest_marker(kind) for kind in ("multirank", "cluster")):
+            item.add_marker(pytest.mark.unit)

@@ -160,6 +160,7 @@ def converted(tmp_path_factory, megatron_world_of_one):
     return {"tmp": tmp, "source": source, "preset": preset}
 
 
+@pytest.mark.multirank
 def test_from_hf_checkpoint_metadata(converted):
     from megatron.core import dist_checkpointing
 
@@ -174,6 +175,7 @@ def test_from_hf_checkpoint_metadata(converted):
     assert shapes["embedding.word_embeddings.weight"].global_shape == (1024, converted["preset"].hidden_size)
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("layout", ["tp1", "tp2", "pp2"])
 def test_checkpoint_to_hf_logits_and_tensors(converted, layout):
     """to-hf of a checkpoint saved at `layout`: identical tensors to the original HF model, and
@@ -220,6 +222,7 @@ def test_checkpoint_to_hf_logits_and_tensors(converted, layout):
         assert AutoTokenizer.from_pretrained(out, split_special_tokens=True).encode(quoting) == ours.encode(quoting)
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("layout", ["tp2", "pp2"])
 def test_from_hf_checkpoint_continues_training(converted, layout):
     """The from-hf checkpoint loads at TP=2 / PP=2 (resharded), its first loss is HF's loss on the same
@@ -233,6 +236,7 @@ def test_from_hf_checkpoint_continues_training(converted, layout):
     assert losses[1] < losses[0]
 
 
+@pytest.mark.multirank
 def test_pretrain_continues_from_converted_checkpoint(converted, tmp_path):
     """`ccmega pretrain --set checkpoint.init_from=<from-hf checkpoint>` trains on, and what it saves
     converts back to a HF model that transformers loads (verified) with weights that moved."""

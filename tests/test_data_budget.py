@@ -17,7 +17,7 @@ from ccmega.data import sample_data_dir
 from ccmega.data.budget import corpus_budget_shortfall
 from ccmega.data.tokenizers import default_tokenizer_dir
 from ccmega.presets import PILE_SUBSETS
-from test_data_helpers import SCRATCH, read_documents, run_ccmega, write_shard
+from data_helpers import SCRATCH, read_documents, run_ccmega, write_shard
 
 DM = "DM Mathematics"
 FINETUNE_FRACTION = TEST_FRACTION = 0.1

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from ccmega.data import sample_data_dir
-from test_data_helpers import mini_pile, read_documents, run_ccmega, small_sentencepiece, write_shard
+from data_helpers import mini_pile, read_documents, run_ccmega, small_sentencepiece, write_shard
 
 def good_lines(n=6):
     docs = [d for d in read_documents(sample_data_dir() / "val.jsonl.zst") if d["meta"]["pile_set_name"] == "Pile-CC"]

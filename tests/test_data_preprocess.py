@@ -17,7 +17,7 @@ import tokenizers
 from ccmega.data.indexed_writer import IndexedDatasetReader, IndexedDatasetWriter
 from ccmega.data.tokenizers import default_tokenizer_dir
 from ccmega.presets import DATASET_RECIPES, PILE_SUBSETS
-from test_data_helpers import RUN_ARGS, SCRATCH, mini_pile, qwen_outputs, read_documents, run_ccmega
+from data_helpers import RUN_ARGS, SCRATCH, mini_pile, qwen_outputs, read_documents, run_ccmega
 
 EOD = 151643
 BUDGET = 200_000

@@ -6,7 +6,7 @@ import pytest
 
 from ccmega.data.indexed_writer import IndexedDatasetReader
 from ccmega.data.tokenizers import load_tokenizer
-from test_data_helpers import run_ccmega
+from data_helpers import run_ccmega
 
 EXPECTED = {  # written out here, not imported: what each name promises
     "letters-punctuation": set(string.ascii_letters + string.punctuation),

@@ -11,7 +11,7 @@ import tokenizers
 
 from ccmega.data import sample_data_dir
 from ccmega.data.tokenizers import default_tokenizer_dir, load_tokenizer
-from test_data_helpers import mini_pile, read_documents, run_ccmega, small_sentencepiece, write_shard
+from data_helpers import mini_pile, read_documents, run_ccmega, small_sentencepiece, write_shard
 
 
 def test_default_is_qwen3_from_the_wheel_folder():

@@ -25,7 +25,7 @@ ICAE_FORWARD_STEP = "ccmega.training.icae_train:ICAEForwardStep"
 
 @pytest.fixture(scope="module")
 def suite():
-    cmd = [sys.executable, os.path.join(REPO, "tests", "fake_cuda_steps.py"), "suite"]
+    cmd = [sys.executable, os.path.join(REPO, "tests", "helpers", "fake_cuda_steps.py"), "suite"]
     if ICAE_FORWARD_STEP:
         cmd += ["--forward-step", ICAE_FORWARD_STEP]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, PYTHONWARNINGS="ignore")
@@ -95,3 +95,14 @@ def test_the_real_preset_builds_and_steps_as_one_rank_of_128(suite):
         assert line["params"] == line["info_params"] == line["report_params"] == printed[line["stage"]]
         assert line["param_devices"] == ["meta"] and line["updated"] and line["micro_batches"] == 2
     assert printed == [314_914_304, 314_915_840]  # embedding + 14 layers / 14 layers + tied output + final norm
+
+
+def test_device_names_this_ranks_device():
+    from ccmega.runtime import device, stand_in, to_device
+
+    assert device() == torch.device("cpu")  # no CUDA here
+    with stand_in("meta"):
+        assert device() == torch.device("meta")
+        batch = to_device({"tokens": torch.zeros(2, 3, dtype=torch.long)})
+        assert batch["tokens"].device.type == "meta" and batch["tokens"].shape == (2, 3)
+    assert device() == torch.device("cpu")

@@ -151,6 +151,7 @@ def test_resume_is_exact(full_run, inputs):
 
 # DP=2 runs plain megatron DDP: saving with the distributed optimizer needs checkpointing.py to ask
 # megatron for the "fully_reshardable" optimizer format (see docs/icae.md)
+@pytest.mark.multirank
 @pytest.mark.parametrize("layout", ["tp2", "dp2"])
 def test_parallel_layouts_match_one_process(layout, full_run, inputs, tmp_path):
     extra = {"tp2": ["--tp", 2, "--micro-batch-size", MBS],
@@ -179,6 +180,7 @@ def _encoder_weights(checkpoint):
     return {k: v.clone() for k, v in model.state_dict().items() if "_extra_state" not in k}
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("tp", [1, 2])
 def test_encoder_starts_from_its_checkpoint(tp, inputs, tmp_path, megatron_world_of_one):
     """One step at learning rate 0 leaves the ICAE's encoder exactly the pretraining checkpoint named by
@@ -240,6 +242,7 @@ def test_refused_configurations(inputs, capsys):
     assert "missing --data" in capsys.readouterr().err
 
 
+@pytest.mark.cluster
 def test_grid_submits_pretraining_and_fine_tuning_with_dependencies(inputs, tmp_path):
     """slurm/icae_grid.sh on a local one-node cluster with CPU overrides: one Table 3 run (D1 encoder, D2
     decoder) -> two pretraining jobs, then the fine-tuning job after both (afterok); a second call finds

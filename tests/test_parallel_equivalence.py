@@ -13,6 +13,8 @@ from launch import torchrun
 from parallel_train import run
 from test_qwen3_parity import random_hf_model
 
+pytestmark = pytest.mark.multirank
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 PRESET = "qwen3-tiny"
 
@@ -42,7 +44,7 @@ LAYOUTS = {
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_layout_matches_single_process(layout, init_weights, reference, tmp_path):
-    torchrun(os.path.join(HERE, "parallel_train.py"), 2, "--init", init_weights, "--out", tmp_path,
+    torchrun(os.path.join(HERE, "helpers", "parallel_train.py"), 2, "--init", init_weights, "--out", tmp_path,
              *LAYOUTS[layout])
     ranks = json.loads((tmp_path / "result.json").read_text())
     for rank in ranks:

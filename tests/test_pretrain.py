@@ -1,10 +1,10 @@
-"""`ccmega pretrain` end to end on 2 CPU ranks (gloo) with qwen3-tiny on mini_pile text.
+"""`ccmega pretrain` end to end on 2 CPU ranks (gloo) with qwen3-tiny on the bundled sample's text.
 
 One uninterrupted reference run (DP=2) is compared with: a run SIGKILLed mid-way and resumed (bitwise
 equal losses and learning rates), a run stopped by SIGTERM (checkpoint, exit 0) and resumed under
 PP=2 (equal up to float reordering), and `sbatch --wait slurm/pretrain_d6_1b.sh` on a local SLURM
 cluster. Test data: a 1024-piece SentencePiece model and megatron's IndexedDatasetBuilder over
-mini_pile's validation shard.
+the bundled sample's validation and test shards (ccmega/resources/sample_pile).
 """
 import io
 import json
@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import SHARED_MINI_PILE
+from ccmega.data import sample_data_dir
 from slurm_cluster import slurm_cluster  # noqa: F401 (session fixture; skips where SLURM is missing)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,8 +35,10 @@ def tiny_data(tmp_path_factory):
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     root = tmp_path_factory.mktemp("pretrain_data")
-    with open(os.path.join(SHARED_MINI_PILE, "val.jsonl.zst"), "rb") as f:
-        docs = [json.loads(line)["text"] for line in io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(f))]
+    docs = []
+    for name in ("val.jsonl.zst", "test.jsonl.zst"):  # the bundled sample: no ../shared needed
+        with open(sample_data_dir() / name, "rb") as f:
+            docs += [json.loads(line)["text"] for line in io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(f))]
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(d[:20000] for d in docs), model_prefix=str(root / "spm"), vocab_size=1024,
         model_type="bpe", byte_fallback=True, unk_id=0, eos_id=1, bos_id=-1, pad_id=-1, minloglevel=2,
@@ -138,6 +140,7 @@ def reference(tiny_data, tmp_path_factory):
     return {"dir": str(run_dir), "train": records(run_dir), "valid": records(run_dir, "valid"), "out": out}
 
 
+@pytest.mark.multirank
 def test_loss_falls_and_everything_is_logged(reference):
     from ccmega.training.checkpointing import read_checkpoint_metadata
 
@@ -171,6 +174,7 @@ def test_loss_falls_and_everything_is_logged(reference):
     assert json.load(open(os.path.join(reference["dir"], "status.json")))["state"] == "finished"
 
 
+@pytest.mark.multirank
 def test_sigkill_then_resume_equals_uninterrupted_run(tiny_data, reference, tmp_path):
     proc = start(pretrain_args(tiny_data, tmp_path))
     wait_for_step(proc, tmp_path, SAVE_EVERY + 2)
@@ -191,6 +195,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tiny_data, reference, tmp_
     assert resumed_from < killed_at
 
 
+@pytest.mark.multirank
 def test_sigterm_checkpoints_and_exits_then_resumes_under_pp2(tiny_data, reference, tmp_path):
     import psutil
 
@@ -220,6 +225,7 @@ def test_sigterm_checkpoints_and_exits_then_resumes_under_pp2(tiny_data, referen
     assert read_checkpoint_metadata(str(tmp_path))["pipeline_parallel"] == 2
 
 
+@pytest.mark.multirank
 def test_load_model_weights_any_layout(reference, megatron_world_of_one):
     """One process (TP=PP=1) reads the weights a DP=2 run saved; they differ from a fresh init."""
     import torch
@@ -284,6 +290,7 @@ def test_fp8_is_refused_without_transformer_engine(tiny_data, tmp_path, capsys):
     assert "Transformer Engine" in err and f"CUDA available: {torch.cuda.is_available()}" in err
 
 
+@pytest.mark.cluster
 def test_sbatch_pretrain_d6_1b_on_a_cpu_cluster(slurm_cluster, tiny_data, tmp_path):  # noqa: F811
     env = {"CCMEGA_CPU": "1", "STEPS": "4", "SAVE_INTERVAL": "2", "EVAL_INTERVAL": "2", "DATA_ROOT": tiny_data["root"],
            "TOKENIZER": tiny_data["tokenizer"], "OUTPUT_ROOT": str(tmp_path), "PYTHON": sys.executable,

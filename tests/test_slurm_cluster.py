@@ -7,6 +7,8 @@ import pytest
 from slurm_cluster import LocalSlurmCluster, SlurmError
 from slurm_cluster import slurm_cluster  # noqa: F401 (session fixture; skips where SLURM is missing)
 
+pytestmark = pytest.mark.cluster
+
 TWO_TASKS = """#!/bin/bash
 #SBATCH --ntasks=2
 #SBATCH --job-name=two-tasks

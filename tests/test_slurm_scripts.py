@@ -21,7 +21,7 @@ from slurm_cluster import slurm_cluster  # noqa: F401 (session fixture; skips wh
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 GRID = os.path.join(REPO, "slurm", "icae_grid.sh")
-FAKE_PYTHON = os.path.join(HERE, "fake_python.sh")
+FAKE_PYTHON = os.path.join(HERE, "helpers", "fake_python.sh")
 SIZE_OF = {"200M": "200m", "500M": "500m", "800M": "800m", "1B": "1b"}
 
 
@@ -238,6 +238,7 @@ def wait_for(condition, timeout, what, cluster):
 ONE_CPU_TASK = ["--nodes=1", "--ntasks=1", "--ntasks-per-node=1", "--gpus-per-node=0", "--time=10"]
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize("script", sorted(LAUNCHERS))
 def test_usr1_checkpoints_and_requeues_on_a_real_cluster(slurm_cluster, script, tmp_path):  # noqa: F811
     """The signal SLURM sends before the time limit reaches the task through the batch shell and srun;
@@ -265,6 +266,7 @@ def test_usr1_checkpoints_and_requeues_on_a_real_cluster(slurm_cluster, script, 
     assert calls[0]["cuda_visible_devices"] == "" and calls[0]["ntasks"] == "1"  # CCMEGA_CPU=1, srun's task
 
 
+@pytest.mark.cluster
 def test_grid_waits_for_a_requeued_pretraining_on_a_real_cluster(slurm_cluster, tmp_path):  # noqa: F811
     """LLM_D1 is interrupted and requeued (pending, with a checkpoint on disk), LLM_D2 finished, LLM_D6
     interrupted and not queued: the fine-tuning jobs wait (afterok) for the requeued job and for a newly

@@ -12,8 +12,9 @@ exactly as it was trained. It is therefore identical to the pretraining LM loss 
 vocab-parallel cross entropy over the whole padded vocabulary, as in training; Qwen3's 151,936 rows
 need no padding at TP <= 8, nor do the tiny presets, so there it is also the NLL over the real vocabulary).
 
-The encoder-side entropy uses the encoder's PRETRAINED LM (the checkpoint the ICAE encoder was
-initialised from, not the fine-tuned encoder), the decoder-side entropy the (frozen) decoder LM.
+The encoder-side entropy uses the encoder's PRETRAINED LM (the checkpoint `icae-train --encoder` named,
+whose weights the ICAE encoder starts from; not the fine-tuned encoder), the decoder-side entropy the
+(frozen) decoder LM.
 """
 from __future__ import annotations
 

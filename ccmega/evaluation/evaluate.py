@@ -69,7 +69,7 @@ def parse_args(argv):
     p.add_argument("--decoder-checkpoint", help="override the decoder pretraining checkpoint recorded in the ICAE")
     p.add_argument("--no-verify-decoder", action="store_true", help="skip the decoder checkpoint hash check")
     p.add_argument("--encoder-lm", help="encoder pretraining checkpoint for the encoder entropy "
-                                        "(default: the one the ICAE encoder was initialised from)")
+                                        "(default: the one icae-train --encoder named, which the ICAE encoder started from)")
     p.add_argument("--no-entropy", action="store_true", help="skip the entropies (and correlations)")
     p.add_argument("--controls", action="store_true",
                    help="also reconstruct with shuffled, zeroed and no memory and with the context itself "

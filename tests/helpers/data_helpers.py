@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 MINI_PILE = REPO.parent / "shared" / "data" / "mini_pile"
 SCRATCH = Path(tempfile.mkdtemp(prefix="ccmega-data-tests-"))
 
