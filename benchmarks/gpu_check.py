@@ -19,8 +19,8 @@ part's output). On the device machine (Python 3.12 with its own CUDA torch, no m
 
     python benchmarks/gpu_check.py --download-wheels .whl       # here, once: megatron-core & co. for cp312
     # device run, carry [".whl"], timeout_s 540:
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && \\
-      PYTHONPATH=/tmp/site:$PWD python3 benchmarks/gpu_check.py --out $OUT
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \\
+      .whl/*.whl || exit; PYTHONPATH=/tmp/site:$PWD python3 benchmarks/gpu_check.py --out $OUT
 
 `--cpu-smoke` runs every part at toy sizes on a CPU (fp32/bf16, gloo): it proves the script, not the GPU.
 """

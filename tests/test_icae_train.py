@@ -241,6 +241,10 @@ def test_refused_configurations(inputs, capsys):
     assert main(["--encoder", inputs["enc"], "--decoder", inputs["dec"]]) == 2
     assert "missing --data" in capsys.readouterr().err
 
+    if not torch.cuda.is_available():  # the same FP8 availability check as pretraining
+        assert main([*base, "--fp8", "hybrid", "--run-dir", str(inputs["dir"] / "fp8")]) == 2
+        assert "needs NVIDIA Transformer Engine on a CUDA GPU" in capsys.readouterr().err
+
 
 @pytest.mark.cluster
 def test_grid_submits_pretraining_and_fine_tuning_with_dependencies(inputs, tmp_path):

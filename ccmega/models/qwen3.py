@@ -93,7 +93,7 @@ def build_model(preset: ModelPreset, config, pre_process: bool | None = None,
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
-    return GPTModel(
+    model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(use_transformer_engine),
         vocab_size=padded_vocab_size(preset.vocab_size, config.tensor_model_parallel_size),
@@ -104,4 +104,7 @@ def build_model(preset: ModelPreset, config, pre_process: bool | None = None,
         position_embedding_type="rope",
         rotary_base=int(preset.rope_theta),
         rotary_percent=1.0,
-    ).to(device())  # as Megatron-LM's get_model: modules megatron builds off-device (torch norms) follow
+    )
+    if any(p.is_meta for p in model.parameters()) and device().type != "meta":
+        return model  # built under a meta device context (parameter counting): there is nothing to move
+    return model.to(device())  # as Megatron-LM's get_model: modules megatron builds off-device (torch norms) follow
