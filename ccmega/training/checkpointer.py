@@ -136,7 +136,9 @@ def dataset_fingerprint(prefix: str, samples: int = 16, block: int = 1 << 16) ->
     import hashlib
 
     digest = hashlib.sha256()
-    for path in (prefix + ".idx", prefix + ".manifest.json"):
+    from ccmega.data.budget import manifest_path
+
+    for path in (prefix + ".idx", str(manifest_path(prefix))):
         if os.path.isfile(path):
             with open(path, "rb") as f:
                 for chunk in iter(lambda: f.read(1 << 22), b""):

@@ -16,11 +16,8 @@ import os
 import numpy as np
 import torch
 
+from ccmega.data.budget import manifest_path
 from ccmega.data.indexed_writer import IndexedDatasetReader
-
-
-def manifest_path(prefix: str) -> str:
-    return prefix + ".manifest.json"
 
 
 def read_manifest(prefix: str) -> dict | None:

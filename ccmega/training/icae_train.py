@@ -248,6 +248,7 @@ def build_task(env, cfg: ICAETrainConfig, the_plan: Plan, dry=None):
     from ccmega.presets import ModelPreset
     from ccmega.training.checkpointer import computed_on_rank0, dataset_fingerprint
     from ccmega.training.checkpointing import load_model_weights
+    from ccmega.training.dry_run import SyntheticContexts
     from ccmega.training.icae_data import ContextSamples, EpochShuffled, InOrder
     from ccmega.training.logging_utils import print_rank0
     from ccmega.training.loop import Task, model_config, schedule_identity
@@ -263,6 +264,7 @@ def build_task(env, cfg: ICAETrainConfig, the_plan: Plan, dry=None):
     enc_config, dtype = model_config(cfg.precision, enc_preset, tp, 1)
     dec_config, _ = model_config(cfg.precision, dec_preset, tp, 1)
     model = build_icae(enc_preset, dec_preset, enc_config, dec_config, k, end_token, cfg.train.seed)
+    decoder_files_sha256 = decoder_sha = None  # a dry run reads no weights
     if dry is None:
         decoder_files_sha256 = computed_on_rank0(lambda: hash_checkpoint_files(the_plan.decoder["path"]))
         load_model_weights(model.decoder, the_plan.decoder["path"])
@@ -279,45 +281,38 @@ def build_task(env, cfg: ICAETrainConfig, the_plan: Plan, dry=None):
     dp = ps.get_data_parallel_world_size()
     mbs = cfg.train.micro_batch_size
     gbs = cfg.train.global_batch_size or mbs * dp
-    from ccmega.training.dry_run import SyntheticContexts
-
-    if dry is None or dry.available(cfg.data.path + ".bin", cfg.data.path + ".idx", what="fine-tune data"):
-        samples = ContextSamples(cfg.data.path, L)
-    else:
-        samples = SyntheticContexts(L, count=gbs)
+    data_here = dry is None or dry.available(cfg.data.path + ".bin", cfg.data.path + ".idx", what="fine-tune data")
+    samples = ContextSamples(cfg.data.path, L) if data_here else SyntheticContexts(L, count=gbs)
     train_data = EpochShuffled(samples, gbs, cfg.train.seed)
     steps_per_epoch = train_data.epoch_samples // gbs
     steps = cfg.train.steps or cfg.train.epochs * steps_per_epoch
-    if dry is not None:
-        if isinstance(samples, SyntheticContexts) and not cfg.train.steps:
-            dry.not_checked.append("the schedule: train.steps defaults to epochs of the fine-tune data (give --steps N)")
-            steps = max(cfg.optim.warmup_steps, cfg.optim.lr_decay_steps or 0) + 1
-        return Task(modules=[model], config=enc_config, forward_step=ICAEForwardStep(), train_data=train_data,
-                    steps=steps, global_batch_size=gbs, micro_batch_size=mbs, seq_length=L + 1, tokens_per_sample=L,
-                    flops_per_sample=icae_flops_per_sample(enc_preset, dec_preset, k, L), metadata={}, identity={},
-                    banner=f"[ccmega] icae-train {enc_preset.name} -> {dec_preset.name} (dry run)")
-    valid_data = InOrder(ContextSamples(cfg.data.valid_path, L)) if cfg.data.valid_path else None
+    if not data_here and not cfg.train.steps:
+        dry.not_checked.append("the schedule: train.steps defaults to epochs of the fine-tune data (give --steps N)")
+        steps = max(cfg.optim.warmup_steps, cfg.optim.lr_decay_steps or 0) + 1
+    valid_data = InOrder(ContextSamples(cfg.data.valid_path, L)) if cfg.data.valid_path and dry is None else None
     eval_batches = min(cfg.logging.eval_iters, len(valid_data) // gbs) if valid_data and cfg.logging.eval_interval else 0
 
-    data_path = os.path.abspath(cfg.data.path)
-    identity = {"model.encoder_preset": asdict(enc_preset), "model.decoder_preset": asdict(dec_preset),
-                "model.decoder_files_sha256": decoder_files_sha256, "model.num_memory_slots": k,
-                "model.encoder": the_plan.encoder["path"], "data.tokenizer": the_plan.tokenizer["identity"],
-                "data.context_tokens": L, "data.path": data_path,
-                "data.fingerprint": computed_on_rank0(lambda: dataset_fingerprint(data_path)),
-                **schedule_identity(cfg, steps, gbs)}
+    identity, metadata = {}, {}  # what checkpoints record: a dry run writes none
+    if dry is None:
+        data_path = os.path.abspath(cfg.data.path)
+        identity = {"model.encoder_preset": asdict(enc_preset), "model.decoder_preset": asdict(dec_preset),
+                    "model.decoder_files_sha256": decoder_files_sha256, "model.num_memory_slots": k,
+                    "model.encoder": the_plan.encoder["path"], "data.tokenizer": the_plan.tokenizer["identity"],
+                    "data.context_tokens": L, "data.path": data_path,
+                    "data.fingerprint": computed_on_rank0(lambda: dataset_fingerprint(data_path)),
+                    **schedule_identity(cfg, steps, gbs)}
 
-    def role(meta, preset, **extra):
-        return {"checkpoint": meta["path"], "model_preset": asdict(preset), **extra}
+        def role(meta, preset, **extra):
+            return {"checkpoint": meta["path"], "model_preset": asdict(preset), **extra}
 
-    metadata = {
-        "tokenizer": the_plan.tokenizer, "dtype": dtype, "global_batch_size": gbs,
-        "icae": {"num_memory_slots": k, "context_tokens": L, "compression_ratio": L / k, "end_token_id": end_token,
-                 "encoder": role(the_plan.encoder, enc_preset),
-                 "decoder": role(the_plan.decoder, dec_preset, files_sha256=decoder_files_sha256,
-                                 params_sha256=decoder_sha),
-                 "data": data_path},
-    }
+        metadata = {
+            "tokenizer": the_plan.tokenizer, "dtype": dtype, "global_batch_size": gbs,
+            "icae": {"num_memory_slots": k, "context_tokens": L, "compression_ratio": L / k,
+                     "end_token_id": end_token, "encoder": role(the_plan.encoder, enc_preset),
+                     "decoder": role(the_plan.decoder, dec_preset, files_sha256=decoder_files_sha256,
+                                     params_sha256=decoder_sha),
+                     "data": data_path},
+        }
     forward_step = ICAEForwardStep()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     banner = (f"[ccmega] icae-train encoder {enc_preset.name} ({the_plan.encoder['path']}) -> frozen decoder "

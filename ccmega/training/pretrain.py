@@ -107,6 +107,7 @@ def build_task(env, cfg: PretrainConfig, dry=None):
     from ccmega.training import checkpointing as ckpt
     from ccmega.training.checkpointer import computed_on_rank0, dataset_fingerprint
     from ccmega.training.data import build_datasets
+    from ccmega.training.dry_run import SyntheticSequences
     from ccmega.training.engine import gpt_forward_step
     from ccmega.training.logging_utils import flops_per_token, print_rank0
     from ccmega.training.loop import Task, model_config, schedule_identity
@@ -130,25 +131,31 @@ def build_task(env, cfg: PretrainConfig, dry=None):
     if gbs is None:
         gbs = mbs * ps.get_data_parallel_world_size()
     eval_batches = cfg.logging.eval_iters if cfg.logging.eval_interval > 0 else 0
-    if dry is not None:
-        return _dry_task(cfg, dry, data_here, preset, model, config, gbs, mbs, seq)
-    data = build_datasets(cfg.data.paths, cfg.data.weights, cfg.data.split, seq, cfg.train.seed, tokenizer,
-                          os.path.join(os.path.abspath(cfg.run_dir), "data_cache"),
-                          train_samples=cfg.train.steps * gbs if cfg.train.steps else None,
-                          valid_samples=eval_batches * gbs)
-    if eval_batches and data.valid is None:
-        print_rank0(f"[ccmega] warning: split {cfg.data.split!r} leaves no validation documents: validation off")
-        eval_batches = 0
-    steps = cfg.train.steps or cfg.train.epochs * len(data.train) // gbs
-    if steps <= 0:
-        raise ConfigError(f"the train split has {len(data.train)} sequences: less than one global batch of {gbs}")
+    if dry is not None:  # no index is built: megatron's index of a 50B-token corpus takes minutes
+        train, valid, eval_batches = SyntheticSequences(seq), None, 0
+        steps = _dry_run_steps(cfg, dry, data_here, gbs, seq)
+    else:
+        data = build_datasets(cfg.data.paths, cfg.data.weights, cfg.data.split, seq, cfg.train.seed, tokenizer,
+                              os.path.join(os.path.abspath(cfg.run_dir), "data_cache"),
+                              train_samples=cfg.train.steps * gbs if cfg.train.steps else None,
+                              valid_samples=eval_batches * gbs)
+        train, valid = data.train, data.valid
+        if eval_batches and valid is None:
+            print_rank0(f"[ccmega] warning: split {cfg.data.split!r} leaves no validation documents: validation off")
+            eval_batches = 0
+        steps = cfg.train.steps or cfg.train.epochs * len(train) // gbs
+        if steps <= 0:
+            raise ConfigError(f"the train split has {len(train)} sequences: less than one global batch of {gbs}")
 
-    paths = [os.path.abspath(p) for p in cfg.data.paths]
-    identity = {"model.preset": asdict(preset), "data.tokenizer": tokenizer.identity, "data.paths": paths,
-                "data.fingerprint": computed_on_rank0(lambda: [dataset_fingerprint(p) for p in paths]), "data.seq_length": seq,
-                **schedule_identity(cfg, steps, gbs)}
-    metadata = {"model_preset": asdict(preset), "tokenizer": {"path": str(tokenizer.path), "identity": tokenizer.identity},
-                "dtype": dtype, "fp8": cfg.precision.fp8, "seq_length": seq, "global_batch_size": gbs}
+    identity, metadata = {}, {}  # what checkpoints record: a dry run writes none
+    if dry is None:
+        paths = [os.path.abspath(p) for p in cfg.data.paths]
+        identity = {"model.preset": asdict(preset), "data.tokenizer": tokenizer.identity, "data.paths": paths,
+                    "data.fingerprint": computed_on_rank0(lambda: [dataset_fingerprint(p) for p in paths]),
+                    "data.seq_length": seq, **schedule_identity(cfg, steps, gbs)}
+        metadata = {"model_preset": asdict(preset),
+                    "tokenizer": {"path": str(tokenizer.path), "identity": tokenizer.identity},
+                    "dtype": dtype, "fp8": cfg.precision.fp8, "seq_length": seq, "global_batch_size": gbs}
 
     def load_initial_weights():
         if cfg.checkpoint.init_from:
@@ -159,25 +166,20 @@ def build_task(env, cfg: PretrainConfig, dry=None):
     banner = (f"[ccmega] pretrain {preset.name} ({preset.total_params() / 1e6:.1f} M params) on {env.world_size} "
               f"rank(s): TP {config.tensor_model_parallel_size} x PP {config.pipeline_model_parallel_size} x DP {dp}; "
               f"{dtype}{' + fp8 ' + cfg.precision.fp8 if cfg.precision.fp8 else ''}; {steps} steps x {gbs} seqs x "
-              f"{seq} tokens = {steps * gbs * seq / 1e9:.3f} B tokens ({len(data.train)} train sequences)")
-    return Task(modules=[model], config=config, forward_step=gpt_forward_step, train_data=data.train, steps=steps,
+              f"{seq} tokens = {steps * gbs * seq / 1e9:.3f} B tokens"
+              + (f" ({len(train)} train sequences)" if dry is None else ""))
+    return Task(modules=[model], config=config, forward_step=gpt_forward_step, train_data=train, steps=steps,
                 global_batch_size=gbs, micro_batch_size=mbs, seq_length=seq, tokens_per_sample=seq,
                 flops_per_sample=flops_per_token(preset, seq) * seq, metadata=metadata, identity=identity,
-                banner=banner, valid_data=data.valid, eval_batches=eval_batches,
+                banner=banner, valid_data=valid, eval_batches=eval_batches,
                 load_initial_weights=load_initial_weights)
 
 
-def _dry_task(cfg, dry, data_here, preset, model, config, gbs, mbs, seq):
-    """A dry run's task: synthetic sequences for the step; the data, when it is here, is checked by its
-    token count (not indexed: megatron's index of a 50B-token corpus takes minutes to build)."""
+def _dry_run_steps(cfg, dry, data_here: bool, gbs: int, seq: int) -> int:
+    """The steps a dry run checks: the data, when it is here, is checked by its token count against them."""
     import numpy as np
 
     from ccmega.data.indexed_writer import read_index
-
-    from ccmega.training.dry_run import SyntheticSequences
-    from ccmega.training.engine import gpt_forward_step
-    from ccmega.training.logging_utils import flops_per_token
-    from ccmega.training.loop import Task
 
     steps = cfg.train.steps
     if data_here:
@@ -192,10 +194,7 @@ def _dry_task(cfg, dry, data_here, preset, model, config, gbs, mbs, seq):
     if not steps:  # one epoch of data that is not here: any length past the warmup builds the schedule
         dry.not_checked.append("the schedule: train.steps defaults to one epoch of the data (give --steps N)")
         steps = max(cfg.optim.warmup_steps, cfg.optim.lr_decay_steps or 0) + 1
-    return Task(modules=[model], config=config, forward_step=gpt_forward_step, train_data=SyntheticSequences(seq),
-                steps=steps, global_batch_size=gbs, micro_batch_size=mbs, seq_length=seq, tokens_per_sample=seq,
-                flops_per_sample=flops_per_token(preset, seq) * seq, metadata={}, identity={},
-                banner=f"[ccmega] pretrain {preset.name} (dry run)")
+    return steps
 
 
 def _check_corpus_budgets(cfg: PretrainConfig) -> None:
