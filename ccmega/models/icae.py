@@ -48,6 +48,27 @@ class ICAEModel(MegatronModule):
         # here `decoder` is a GPTModel: expose its layers there, unregistered (no duplicate state-dict keys).
         object.__setattr__(decoder, "layers", decoder.decoder.layers)
 
+    @torch.no_grad()
+    def match_decoder_scale(self) -> dict:
+        """Once both backbones hold their pretrained weights: rescale the projector and [AE] so that they
+        start at the RMS of the decoder's token embeddings. The encoder's final-norm states are far larger
+        (RMS about its final norm's gain, ~1, against ~0.1 for a trained embedding table), and memory that
+        much louder than any token swamps a pre-norm decoder's residual stream at the memory positions.
+        Returns the RMS values used."""
+        table = self.decoder.embedding.word_embeddings.weight  # [V / TP, h]: vocab-parallel
+        sums = torch.tensor([table.float().pow(2).sum(), table.shape[0]], dtype=torch.float64, device=table.device)
+        if parallel_state.get_tensor_model_parallel_world_size() > 1:
+            torch.distributed.all_reduce(sums, group=parallel_state.get_tensor_model_parallel_group())
+        token_rms = float((sums[0] / (sums[1] * table.shape[1])).sqrt())
+        gain = self.encoder.decoder.final_layernorm.weight.float()
+        memory_rms = float(gain.pow(2).mean().sqrt())  # final-norm output: unit RMS times the gain
+        w = self.projector.weight
+        projected_rms = float(w.float().pow(2).mean().sqrt()) * w.shape[1] ** 0.5 * memory_rms
+        w.mul_(token_rms / projected_rms)
+        ae = self.ae_embedding
+        ae.mul_(token_rms / float(ae.float().pow(2).mean().sqrt()))
+        return {"token_embedding_rms": token_rms, "encoder_output_rms": memory_rms, "projected_rms_before": projected_rms}
+
     def train(self, mode: bool = True):
         super().train(mode)
         self.decoder.eval()  # frozen: dropout stays off

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 
 from ccmega.config import ConfigError, parse_config
 from ccmega.presets import FINETUNE_HPARAMS as T7
+from ccmega.training.icae_monitor import MonitorSection
 from ccmega.training.sections import (CheckpointSection, LoggingSection, OptimSection, PrecisionSection,
                                       TrainSection)
 
@@ -36,6 +37,7 @@ class ModelSection:
     num_memory_slots: int = T7.num_memory_slots  # k
     compression_ratio: int = T7.compression_ratio  # r: L = k * r unless data.context_tokens is set
     end_token_id: int | None = None  # None: the tokenizer's end-of-document token
+    match_decoder_scale: bool = True  # start projected memory and [AE] at the decoder's token-embedding RMS
     tensor_parallel: int = 1
     pipeline_parallel: int = 1  # must stay 1: ICAE refuses pipeline parallelism
 
@@ -60,6 +62,7 @@ class ICAETrainConfig:
     precision: PrecisionSection = field(default_factory=PrecisionSection)
     checkpoint: CheckpointSection = field(default_factory=lambda: CheckpointSection(save_interval=500))
     logging: LoggingSection = field(default_factory=lambda: LoggingSection(eval_interval=0))
+    monitor: MonitorSection = field(default_factory=MonitorSection)
 
 
 SHORTCUTS = {
@@ -192,13 +195,16 @@ class ICAEForwardStep:
     """megatron forward_step: reconstruction loss per micro-batch; counts correct tokens on the side
     (the schedule only returns losses) for the token accuracy of the step."""
 
-    def __init__(self):
+    def __init__(self, monitor=None):
         self.correct, self.total = 0, 0
+        self.monitor = monitor  # a CollapseMonitor: sees each micro-batch's contexts
 
     def __call__(self, data_iterator, model):
         from ccmega.training.engine import masked_lm_loss
 
         context = next(data_iterator)["tokens"]
+        if self.monitor is not None:
+            self.monitor.contexts.append(context)
         per_token, correct = model(context)
 
         def loss_func(output):
@@ -218,6 +224,8 @@ class ICAEForwardStep:
         counts = torch.tensor([self.correct, self.total], dtype=torch.float64, device=device())
         torch.distributed.all_reduce(counts, group=ps.get_data_parallel_group())
         self.correct, self.total = 0, 0
+        if self.monitor is not None:
+            self.monitor.end_step()
         return {"token_accuracy": float(counts[0] / counts[1]) if counts[1] else float("nan")}
 
 
@@ -250,9 +258,11 @@ def build_task(env, cfg: ICAETrainConfig, the_plan: Plan, dry=None):
     from ccmega.training.checkpointing import load_model_weights
     from ccmega.training.dry_run import SyntheticContexts
     from ccmega.training.icae_data import ContextSamples, EpochShuffled, InOrder
+    from ccmega.training.icae_monitor import CollapseMonitor, check_section, earlier_probe, probe_at_start
     from ccmega.training.logging_utils import print_rank0
     from ccmega.training.loop import Task, model_config, schedule_identity
 
+    check_section(cfg.monitor)
     k, L = cfg.model.num_memory_slots, the_plan.context_tokens
     enc_preset = ModelPreset(**the_plan.encoder["model_preset"])
     dec_preset = ModelPreset(**the_plan.decoder["model_preset"])
@@ -270,9 +280,20 @@ def build_task(env, cfg: ICAETrainConfig, the_plan: Plan, dry=None):
         load_model_weights(model.decoder, the_plan.decoder["path"])
         decoder_sha = decoder_params_sha256(model.decoder)
 
+    run_dir = os.path.abspath(cfg.run_dir)
+    status = {}  # status.json: the decoder probe and, if it happens, the collapse warning
+
     def load_initial_weights():
         load_model_weights(model.encoder, the_plan.encoder["path"])
         print_rank0(f"[ccmega] encoder initialised from {the_plan.encoder['path']}")
+        if cfg.model.match_decoder_scale:
+            rms = model.match_decoder_scale()
+            print_rank0(f"[ccmega] projector and [AE] scaled to the decoder's token-embedding RMS "
+                        f"{rms['token_embedding_rms']:.4f} (projected memory would start at RMS "
+                        f"{rms['projected_rms_before']:.4f}; model.match_decoder_scale=false keeps that)")
+        if cfg.monitor.probe:
+            status["decoder_probe"] = probe_at_start(model, cfg.data.path, L, the_plan.tokenizer["path"], cfg.monitor,
+                                                     run_dir, env.rank == 0, print_rank0)
 
     def check_decoder_untouched():
         if decoder_params_sha256(model.decoder) != decoder_sha:  # cannot happen unless freezing broke
@@ -313,7 +334,10 @@ def build_task(env, cfg: ICAETrainConfig, the_plan: Plan, dry=None):
                                      params_sha256=decoder_sha),
                      "data": data_path},
         }
-    forward_step = ICAEForwardStep()
+    if dry is None and cfg.monitor.probe and earlier_probe(run_dir):  # a resume: the probe ran at the fresh start
+        status["decoder_probe"] = earlier_probe(run_dir)
+    monitor = CollapseMonitor(model.decoder, cfg.monitor, steps, status, print_rank0)
+    forward_step = ICAEForwardStep(monitor)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     banner = (f"[ccmega] icae-train encoder {enc_preset.name} ({the_plan.encoder['path']}) -> frozen decoder "
               f"{dec_preset.name} ({the_plan.decoder['path']}); k={k} slots, L={L} tokens (r={L / k:g}); "
@@ -325,7 +349,8 @@ def build_task(env, cfg: ICAETrainConfig, the_plan: Plan, dry=None):
                 flops_per_sample=icae_flops_per_sample(enc_preset, dec_preset, k, L), metadata=metadata,
                 identity=identity, banner=banner, valid_data=valid_data, eval_batches=eval_batches,
                 validate_at_start=True, load_initial_weights=load_initial_weights,
-                step_metrics=forward_step.metrics, epoch_of=train_data.epoch_of,
+                step_metrics=forward_step.metrics, log_metrics=monitor.on_log, status=status,
+                epoch_of=train_data.epoch_of,
                 check_before_save=check_decoder_untouched)
 
 

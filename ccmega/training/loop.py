@@ -52,6 +52,8 @@ class Task:
     validate_at_start: bool = False
     load_initial_weights: Callable[[], None] | None = None  # a fresh start only (not a resume)
     step_metrics: Callable[[], dict] = field(default=dict)  # extra values after a train step or validation
+    log_metrics: Callable[[int, float], dict] | None = None  # (iteration, loss) -> more values, logged steps only
+    status: dict = field(default_factory=dict)  # what the task adds to status.json (it may add more as it trains)
     epoch_of: Callable[[int], int] | None = None  # consumed samples -> epoch, when the data has epochs
     check_before_save: Callable[[], None] | None = None
 
@@ -310,6 +312,8 @@ class Trainer:
         tokens_per_s = t.tokens_per_sample * t.global_batch_size / step_time
         tflops = t.flops_per_sample * t.global_batch_size / step_time / self.env.world_size / 1e12
         if self.iteration % self.cfg.logging.log_interval == 0 or not result.update_successful:
+            if t.log_metrics:
+                extra.update(t.log_metrics(self.iteration, result.loss))
             values = {"loss": result.loss, **extra, "lr": lr, "grad_norm": result.grad_norm,
                       **({"epoch": epoch} if epoch is not None else {}), "consumed_samples": self.consumed,
                       "step_time_s": step_time, "tokens_per_s": tokens_per_s, "tflops_per_gpu": tflops,
@@ -320,6 +324,8 @@ class Trainer:
                     f"{result.grad_norm:.3f} | {tokens_per_s:,.0f} tok/s | {tflops:.3g} TFLOP/s/GPU | MFU "
                     f"{100 * tflops / self.peak:.3g}%" + (" | SKIPPED (non-finite loss)" if values["skipped"] else ""))
             self.metrics.log("train", self.iteration, values, text)
+            if t.status != self.status_written:  # e.g. a warning the task recorded: on disk now, not at the end
+                self.write_status("running")
         if self.skips.exceeded:
             self.log(f"[ccmega] stopping: {self.skips.in_a_row} steps in a row had a non-finite loss (limit "
                      f"train.max_skipped_in_a_row={self.skips.limit}); parameters are those of step "
@@ -334,12 +340,16 @@ class Trainer:
         progress = {"iteration": self.iteration, "consumed_samples": self.consumed, "skipped_steps": self.skips.total}
         self.checkpointer.save(self.setup, self.scheduler, progress)
 
+    def write_status(self, state: str) -> None:
+        self.status_written = dict(self.task.status)
+        if self.rank0:
+            write_status(self.run_dir, state=state, iteration=self.iteration, steps=self.task.steps,
+                         skipped_steps=self.skips.total, **self.task.status)
+
     def train(self) -> int:
         t, cfg = self.task, self.cfg
         steps = t.steps
-        status = dict(iteration=self.iteration, steps=steps, skipped_steps=self.skips.total)
-        if self.rank0:
-            write_status(self.run_dir, state="running", **status)
+        self.write_status("running")
         exit_code, state = 0, "finished"
         if t.eval_batches and t.validate_at_start and self.iteration == 0:
             self.validate()  # the starting point
@@ -359,9 +369,8 @@ class Trainer:
                 break
         if state == "finished" and self.checkpointer.due(self.iteration, True, False):  # resumed at the very end
             self.save()
+        self.write_status(state)
         if self.rank0:
-            write_status(self.run_dir, state=state, iteration=self.iteration, steps=steps,
-                         skipped_steps=self.skips.total)
             print(f"[ccmega] {state} at step {self.iteration}/{steps}; {self.skips.total} step(s) skipped; run dir "
                   f"{self.run_dir}", flush=True)
         self.metrics.close()
