@@ -29,6 +29,19 @@ def test_quick_demo_end_to_end_and_rerun(tmp_path):
     hf = json.loads((out / "hf" / "lm_D1" / "config.json").read_text())
     assert hf["architectures"] == ["Qwen3ForCausalLM"]
     assert "verified" in (out / "logs" / "convert.log").read_text()
+    table3 = json.loads((out / "table3.json").read_text())  # the controls and Table 3's ordering, recorded
+    assert set(table3["pairs"]) == {"D1/D1", "D1/D6", "D6/D1"}
+    assert [(r["claim"], r["metric"]) for r in table3["ordering"]] == [
+        ("D1/D1 > D6/D1", "F1"), ("D1/D1 > D6/D1", "BLEU (sentence)"), ("D6/D1 > D1/D6", "F1"),
+        ("D6/D1 > D1/D6", "BLEU (sentence)")]
+    assert all(r["verdict"] in ("holds", "reversed", "not resolved") for r in table3["ordering"])
+    assert "Table 3's ordering" in first and "own − shuffled" in first
+
+    # the toy scale's stages are not the quick ones': reusing them would mix two scales in one table
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    mixed = subprocess.run([sys.executable, "-m", "ccmega.cli", "demo", "--out", str(out)], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert mixed.returncode != 0 and "another scale" in mixed.stderr
 
     stages = len([l for l in first.splitlines() if ": running (" in l])
     second = demo(out)  # every stage reused, same table
@@ -40,3 +53,20 @@ def test_quick_demo_end_to_end_and_rerun(tmp_path):
     logs = "".join(p.read_text() for p in (out / "logs").glob("*.log"))
     assert "resumed from" not in logs and "initialised from" in logs
     assert [l for l in fresh.splitlines() if l.startswith("| LLM_D")] == rows
+
+
+def test_a_training_stage_stopped_by_a_signal_is_not_marked_done(tmp_path):
+    """A training command stopped by SIGTERM saves, exits 0 and says `interrupted` in status.json: the demo
+    must leave the stage unfinished (a rerun resumes it), not reuse it as done."""
+    import pytest
+
+    from ccmega.demo import Stage, run_stages
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    status = json.dumps({"state": "interrupted", "iteration": 3, "steps": 9})
+    stage = Stage("pretrain X", [sys.executable, "-c", f"open({str(run_dir / 'status.json')!r}, 'w').write({status!r})"],
+                  1, str(run_dir))
+    with pytest.raises(SystemExit, match="interrupted at step 3/9"):
+        run_stages(str(tmp_path), [stage], str(tmp_path / "logs"))
+    assert not os.path.exists(stage.marker(str(tmp_path)))
