@@ -44,8 +44,9 @@ def test_a_hanging_command_is_killed_with_its_children(gpu_check, tmp_path):
               "print('started', flush=True)\n"
               "time.sleep(120)\n")
     t0 = time.time()
-    rc, status = gpu_check.run_boxed([sys.executable, "-c", script], 3, str(tmp_path / "log"))
-    assert (rc, status) == (None, "timeout") and time.time() - t0 < 30
+    # a box long enough for a Python child to start and print on a loaded CI machine (3 s was not, once)
+    rc, status = gpu_check.run_boxed([sys.executable, "-c", script], 15, str(tmp_path / "log"))
+    assert (rc, status) == (None, "timeout") and time.time() - t0 < 60
     assert "started" in (tmp_path / "log").read_text()
     grandchild = int(pid_file.read_text())
     deadline = time.time() + 10
