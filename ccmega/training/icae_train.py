@@ -334,8 +334,9 @@ def build_task(env, cfg: ICAETrainConfig, the_plan: Plan, dry=None):
                                      params_sha256=decoder_sha),
                      "data": data_path},
         }
-    if dry is None and cfg.monitor.probe and earlier_probe(run_dir):  # a resume: the probe ran at the fresh start
-        status["decoder_probe"] = earlier_probe(run_dir)
+    earlier = earlier_probe(run_dir) if dry is None and cfg.monitor.probe else None
+    if earlier:  # a resume: the probe ran at the fresh start
+        status["decoder_probe"] = earlier
     monitor = CollapseMonitor(model.decoder, cfg.monitor, steps, status, print_rank0)
     forward_step = ICAEForwardStep(monitor)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
