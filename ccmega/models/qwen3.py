@@ -107,4 +107,7 @@ def build_model(preset: ModelPreset, config, pre_process: bool | None = None,
     )
     if any(p.is_meta for p in model.parameters()) and device().type != "meta":
         return model  # built under a meta device context (parameter counting): there is nothing to move
-    return model.to(device())  # as Megatron-LM's get_model: modules megatron builds off-device (torch norms) follow
+    # As Megatron-LM's get_model (whose Float16Module casts the whole model): the local spec's torch RMSNorms
+    # are built in fp32 whatever params_dtype says, and a bf16 model with fp32 norms splits megatron's
+    # optimizer into float16 and fp32 groups whose checkpoint mapping drops the fp32 ones.
+    return model.to(device=device(), dtype=config.params_dtype)
