@@ -71,7 +71,8 @@ def eval_dir(out: str, enc: str, dec: str, seed: int, s: DemoScale) -> str:
 
 class Stage:
     """One step of the demo: a command line, the seconds it is expected to take, a done-marker, and for a
-    training stage its run dir (whose status.json must say finished: a run stopped by a signal exits 0)."""
+    training stage its run dir (whose status.json must say finished: a run stopped by a signal exits 0;
+    a run that died says failed, with its error)."""
 
     def __init__(self, name: str, argv: list[str], estimate_s: float, run_dir: str | None = None):
         self.name, self.argv, self.estimate_s, self.run_dir = name, argv, estimate_s, run_dir
@@ -151,11 +152,13 @@ def run_stages(out: str, stages: list[Stage], log_dir: str) -> float:
         with open(log, "w") as f:
             proc = subprocess.run(st.argv, stdout=f, stderr=subprocess.STDOUT, env=_child_env())
         took = time.time() - t0
-        if proc.returncode != 0:
+        error = _failure(st.run_dir, since=t0)
+        if proc.returncode != 0 or error:
             with open(log) as f:
                 tail = "".join(f.readlines()[-25:])
-            raise SystemExit(f"{tag} failed (exit {proc.returncode}) after {_fmt(took)}; last lines of {log}:\n{tail}"
-                             f"\ncommand: {' '.join(st.argv)}")
+            raise SystemExit(f"{tag} failed (exit {proc.returncode}) after {_fmt(took)}"
+                             + (f": {error}" if error else "")
+                             + f"; last lines of {log}:\n{tail}\ncommand: {' '.join(st.argv)}")
         unfinished = _unfinished(st.run_dir)
         if unfinished:
             raise SystemExit(f"{tag} stopped before finishing ({unfinished}); run the same `ccmega demo` again to "
@@ -166,6 +169,21 @@ def run_stages(out: str, stages: list[Stage], log_dir: str) -> float:
         print(f"{tag}: done in {_fmt(took)} (total {_fmt(time.time() - start)}, about {_fmt(max(remaining, 0))} left)",
               flush=True)
     return time.time() - start
+
+
+def _failure(run_dir: str | None, since: float) -> str | None:
+    """The error a training stage's status.json recorded (state failed) in the attempt begun at `since`."""
+    path = os.path.join(run_dir, "status.json") if run_dir else None
+    try:
+        if path is None or os.path.getmtime(path) < since - 1:  # none, or an earlier attempt's
+            return None
+        with open(path) as f:
+            status = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(status, dict) or status.get("state") != "failed":
+        return None
+    return f"{status.get('error') or 'no error recorded'} ({path})"
 
 
 def _unfinished(run_dir: str | None) -> str | None:

@@ -111,7 +111,8 @@ class PretrainHParams:
 
 @dataclass(frozen=True)
 class FinetuneHParams:
-    """Paper Table 7 (ICAE fine-tuning): 32 sequences per device, no accumulation."""
+    """Paper Table 7 (ICAE fine-tuning): 32 sequences per device, no accumulation. On 80 GB GPUs the
+    paper's pairs need them as 2 micro-batches of 16 (slurm/icae_finetune.sh's default; same global batch)."""
 
     warmup_steps: int = 100
     epochs: int = 3

@@ -13,9 +13,9 @@
 #                              `ccmega ARG... --dry-run --world-size NODES*GPUS_PER_NODE` (builds the real preset
 #                              at the real layout for one rank and prints the memory/layout checks).
 #   run_state RUN_DIR          prints the state of a run from RUN_DIR/status.json (written by the training loop
-#                              at the end of every run): finished (state "finished" and iteration == steps),
-#                              interrupted, diverged, unfinished ("finished" short of its steps), none (no
-#                              status.json: never ran, still running, or killed), unreadable.
+#                              at its start and end): finished (state "finished" and iteration == steps),
+#                              interrupted, diverged, failed (died of an error), unfinished ("finished" short
+#                              of its steps), running (still running, or killed), none (never ran), unreadable.
 
 job_environment() {
     if [ "${CCMEGA_CPU:-0}" = "1" ]; then
@@ -107,6 +107,6 @@ except (OSError, ValueError):
 state = status.get("state") if isinstance(status, dict) else None
 if state == "finished" and status.get("iteration") != status.get("steps"):
     state = "unfinished"
-print(state if state in ("finished", "unfinished", "interrupted", "diverged") else "unreadable")
+print(state if state in ("finished", "unfinished", "interrupted", "diverged", "failed", "running") else "unreadable")
 EOF
 }

@@ -9,7 +9,8 @@
 #   table5   encoder D1 500M -> decoder pretrained on random text (500M), data D1                +1 new
 # A run shared by several of them is submitted once. Anything else only with --extra.
 #
-#   slurm/icae_grid.sh [--subset fig4,table3,table4,fig5,table5] [--match REGEX] [--extra NAME,...] [--dry-run] [--list]
+#   slurm/icae_grid.sh [--subset fig4,table3,table4,fig5,table5] [--match REGEX] [--extra NAME,...] [--retry-failed]
+#                      [--dry-run] [--list]
 #
 # Run names: enc-<recipe>-<size>_dec-<recipe>-<size>_data-<recipe> (e.g. enc-d1-500m_dec-d6-500m_data-d1; the
 # data is both the fine-tuning split $DATA_ROOT/<RECIPE>/finetune and the test split of the evaluation).
@@ -21,12 +22,15 @@
 #   (1) a job named ccmega-pretrain-<recipe>-<size> of yours is queued (pending, running, requeued)
 #       -> --dependency=afterok on it;
 #   (2) its status.json says finished (state "finished", iteration == steps) -> no dependency;
-#   (3) it diverged -> refused: its fine-tuning runs are not submitted (exit status 1 at the end);
+#   (3) it diverged, or it failed (state "failed": it died of an error, printed from status.json) -> refused:
+#       its fine-tuning runs are not submitted (exit status 1 at the end). Once the cause is fixed,
+#       --retry-failed submits failed runs again (they resume from their latest checkpoint);
 #   (4) otherwise (never run, interrupted, killed) it is submitted (slurm/pretrain_<recipe>_<size>.sh, or
 #       slurm/launch_pretrain.sh with RECIPE=random; it resumes from its latest checkpoint) and the
 #       fine-tuning job depends on it (afterok; --kill-on-invalid-dep=yes cancels it if pretraining fails).
 # A checkpoint on disk alone never counts as finished. Fine-tuning runs already finished (same rule) or
-# queued (by job name ccmega-icae-<name>) are skipped, so the grid can be re-run safely.
+# queued (by job name ccmega-icae-<name>) are skipped, so the grid can be re-run safely; failed ones are
+# reported with their error and refused like (3), unless --retry-failed.
 #
 # Environment: OUTPUT_ROOT (<repo>/runs), DATA_ROOT (<repo>/data: fine-tune data = $DATA_ROOT/<RECIPE>/finetune),
 # SBATCH_ARGS (extra sbatch options for every job, e.g. a CPU cluster's "--nodes=1 --ntasks=1 --gpus-per-node=0"),
@@ -40,7 +44,7 @@ DATA_ROOT=${DATA_ROOT:-$REPO/data}
 # shellcheck source=slurm/ccmega_job.sh
 source "$REPO/slurm/ccmega_job.sh"  # run_state
 "${PYTHON:-python}" -c "" 2>/dev/null || { echo "icae_grid: PYTHON=${PYTHON:-python} does not run (it reads status.json)" >&2; exit 2; }
-subsets=fig4,table3,table4,table5 match="" extras="" dry_run=0 list=0
+subsets=fig4,table3,table4,table5 match="" extras="" dry_run=0 list=0 retry_failed=0
 while [ $# -gt 0 ]; do
     case $1 in
         --subset) subsets=$2; shift 2 ;;
@@ -48,7 +52,8 @@ while [ $# -gt 0 ]; do
         --extra) extras=${extras:+$extras,}$2; shift 2 ;;
         --dry-run) dry_run=1; shift ;;
         --list) list=1; shift ;;
-        -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
+        --retry-failed) retry_failed=1; shift ;;
+        -h|--help) sed -n '2,/^set /{/^#/p}' "$0"; exit 0 ;;
         *) echo "icae_grid: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -128,14 +133,29 @@ queued_job() {  # JOB_NAME -> the id of your first queued job of that name ("" i
     echo "$out" | head -n 1
 }
 
+run_error() {  # RUN_DIR -> the error of a run whose status.json says "failed" ("" for any other state)
+    "${PYTHON:-python}" - "$1/status.json" <<'EOF'
+import json, sys
+try:
+    with open(sys.argv[1]) as f:
+        status = json.load(f)
+except (OSError, ValueError):
+    sys.exit()
+if isinstance(status, dict) and status.get("state") == "failed":
+    print(status.get("error") or "no error recorded")
+EOF
+}
+
 declare -A pretrain_job=()
 refused=0
 pretrain_dependency() {  # recipe size: sets DEP to "" (finished), a job id, or "refused" (no subshell: keeps the cache)
-    local recipe=$1 size=$2 key="$1-$2" id state
+    local recipe=$1 size=$2 key="$1-$2" id state error
     local run_dir=$OUTPUT_ROOT/pretrain_${recipe}_${size} job_name=ccmega-pretrain-$recipe-$size
     if [ -z "${pretrain_job[$key]+x}" ]; then
         id=$(queued_job "$job_name") || exit 1
         state=$(run_state "$run_dir")
+        error=$(run_error "$run_dir")
+        [ -z "$error" ] || state=failed
         if [ -n "$id" ]; then
             pretrain_job[$key]=$id
             echo "icae_grid: pretrained $key: job $id already queued (status: $state)" >&2
@@ -147,6 +167,11 @@ pretrain_dependency() {  # recipe size: sets DEP to "" (finished), a job id, or 
             echo "icae_grid: pretrained $key: DIVERGED ($run_dir/status.json); not resubmitting it, and not" \
                  "submitting the fine-tuning runs that need it. Fix the run (lower LR, restart from an earlier" \
                  "checkpoint) and re-run the grid." >&2
+        elif [ "$state" = failed ] && [ $retry_failed = 0 ]; then
+            pretrain_job[$key]=refused
+            echo "icae_grid: pretrained $key: FAILED: $error ($run_dir/status.json; the traceback is in its" \
+                 "job's log). Not resubmitting it, and not submitting the fine-tuning runs that need it. Fix the" \
+                 "cause and re-run the grid with --retry-failed." >&2
         else
             # shellcheck disable=SC2086
             if [ "$recipe" = random ]; then
@@ -175,6 +200,12 @@ for run in "${selected[@]}"; do
     id=$(queued_job "ccmega-icae-$name") || exit 1
     if [ -n "$id" ]; then
         echo "icae_grid: $name: job $id already queued"; continue
+    fi
+    error=$(run_error "$run_dir")
+    if [ -n "$error" ] && [ $retry_failed = 0 ]; then
+        echo "icae_grid: $name: FAILED: $error ($run_dir/status.json); NOT resubmitted (fix the cause, then" \
+             "--retry-failed)"
+        refused=$((refused + 1)); continue
     fi
     pretrain_dependency "$er" "$es"; deps=$DEP
     pretrain_dependency "$dr" "$ds"

@@ -51,14 +51,14 @@ def test_pretraining_step_on_the_device(suite, name):
     """engine.train_step + gpt_forward_step on data.global_batch, then evaluate_loss: TP=2, and PP=2 x DP=2
     with the distributed optimizer; the batch, the loss reductions and megatron's own collectives."""
     for line in _ranks(suite, name, range(int(SUITE[name][2]))):
-        assert line["param_devices"] == ["meta"]
+        assert line["param_devices"] == ["meta"] and line["param_dtypes"] == ["torch.bfloat16"]  # the GPU dtype
         assert line["updated"] and line["loss"] == line["valid_loss"] == 1.0  # 1.0: meta reads as ones
 
 
 def test_icae_training_step_on_the_device(suite):
     """ICAEModel (memory slots, [AE], projector on the backbones' device) at TP=2 x DP=2: one train_step."""
     for line in _ranks(suite, "icae_tp2_dp2", range(4)):
-        assert line["param_devices"] == ["meta"]
+        assert line["param_devices"] == ["meta"] and line["param_dtypes"] == ["torch.bfloat16"]
         assert line["updated"]
         if ICAE_FORWARD_STEP:
             assert line["metrics"]["token_accuracy"] == 1.0  # counts all-reduced on the device (meta reads ones)
@@ -67,7 +67,7 @@ def test_icae_training_step_on_the_device(suite):
 def test_evaluation_batch_on_the_device(suite):
     """ContextSamples.batch -> reconstruct with megatron's KV cache (and without), entropy, latency at TP=2."""
     for line in _ranks(suite, "evaluate_tp2", range(2)):
-        assert line["param_devices"] == ["meta"]
+        assert line["param_devices"] == ["meta"] and line["param_dtypes"] == ["torch.bfloat16"]
         assert line["reconstruction"] == line["uncached"] == [2, 4]  # 2 samples x max_new_tokens
         assert len(line["entropy"]) == 2 and "compression_s" in line["latency_keys"]
 

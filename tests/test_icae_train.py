@@ -149,8 +149,7 @@ def test_resume_is_exact(full_run, inputs):
     assert [r["lr"] for r in resumed] == [r["lr"] for r in reference]
 
 
-# DP=2 runs plain megatron DDP: saving with the distributed optimizer needs checkpointing.py to ask
-# megatron for the "fully_reshardable" optimizer format (see docs/icae.md)
+# DP=2 runs plain megatron DDP (the distributed optimizer's save and resume: tests/test_bf16.py)
 @pytest.mark.multirank
 @pytest.mark.parametrize("layout", ["tp2", "dp2"])
 def test_parallel_layouts_match_one_process(layout, full_run, inputs, tmp_path):

@@ -85,10 +85,7 @@ class ICAEModel(MegatronModule):
         positions = torch.arange(context.shape[1], device=context.device).expand_as(context)
         hidden = enc.embedding(input_ids=context, position_ids=positions)  # [L, b, h]
         memory = self.memory_embeddings[:, None, :].expand(-1, context.shape[0], -1).to(hidden.dtype)
-        hidden = torch.cat([hidden, memory], dim=0)
-        out = enc.decoder(hidden_states=hidden, attention_mask=None,
-                          rotary_pos_emb=enc.rotary_pos_emb(hidden.shape[0]))
-        return out[-self.num_memory_slots:]
+        return final_hidden(enc, torch.cat([hidden, memory], dim=0))[-self.num_memory_slots:]
 
     def decoder_prefix(self, memory: torch.Tensor) -> torch.Tensor:
         """[projected memory, e([AE])]: [k + 1, b, decoder hidden], what generation starts from."""
@@ -124,32 +121,46 @@ class ICAEModel(MegatronModule):
         return result
 
 
+def final_hidden(gpt, embeddings: torch.Tensor) -> torch.Tensor:
+    """A GPTModel's transformer over input embeddings [s, b, h] -> its final-norm hidden states [s, b, h]."""
+    return gpt.decoder(hidden_states=embeddings, attention_mask=None,
+                       rotary_pos_emb=gpt.rotary_pos_emb(embeddings.shape[0]))
+
+
 def teacher_forced_loss(decoder, prefix: torch.Tensor, context: torch.Tensor, end_token_id: int,
                         real_vocab_size: int):
     """Decoder input [prefix, e(c_1..c_L)] -> (per-token loss [b, L + 1], correct [b, L + 1]) on the targets
-    c_1..c_L, <end>, predicted from the prefix's last position ([AE]) onwards. `decoder` is a GPTModel."""
+    c_1..c_L, <end>, predicted from the prefix's last position ([AE]) onwards. `decoder` is a GPTModel.
+
+    The vocabulary projection runs only at the L + 1 positions the loss reads, in [s, b, V / TP] order (no
+    transposed copy): at the paper's size these logits are the largest tensors of the step."""
     positions = torch.arange(context.shape[1], device=context.device).expand_as(context)
     tokens = decoder.embedding(input_ids=context, position_ids=positions)
-    logits = decoder(input_ids=None, position_ids=None, attention_mask=None,
-                     decoder_input=torch.cat([prefix, tokens], dim=0))[:, prefix.shape[0] - 1:]
+    hidden = final_hidden(decoder, torch.cat([prefix, tokens], dim=0))[prefix.shape[0] - 1:]
+    logits, _ = decoder.output_layer(hidden, weight=decoder.shared_embedding_or_output_weight()
+                                     if decoder.share_embeddings_and_output_weights else None)
     end = torch.full_like(context[:, :1], end_token_id)
-    targets = torch.cat([context, end], dim=1)
-    loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float().contiguous(), targets)
+    targets = torch.cat([context, end], dim=1).t().contiguous()  # [L + 1, b], as the logits
     with torch.no_grad():
         correct = vocab_parallel_argmax(logits, real_vocab_size) == targets
-    return loss, correct
+    # megatron's cross entropy takes its fp32 copy of the logits itself and keeps it as the softmax
+    loss = tensor_parallel.vocab_parallel_cross_entropy(logits, targets)
+    return loss.t(), correct.t()
 
 
 def vocab_parallel_argmax(logits: torch.Tensor, real_vocab_size: int) -> torch.Tensor:
-    """Argmax over a vocabulary sharded across TP ranks, ignoring the padding rows."""
+    """Argmax over a vocabulary sharded across TP ranks, ignoring the padding rows. Works in the logits'
+    own dtype (the max of bf16 values is exact): no fp32 copy, and the padding is sliced off, not masked."""
     rank = parallel_state.get_tensor_model_parallel_rank()
     shard = logits.shape[-1]
     start = rank * shard
-    logits = logits.detach().float()
-    if start + shard > real_vocab_size:
-        logits = logits.clone()
-        logits[..., max(real_vocab_size - start, 0):] = float("-inf")
-    values, index = logits.max(dim=-1)
+    logits = logits.detach()
+    real = min(max(real_vocab_size - start, 0), shard)
+    if real == 0:  # a shard of padding rows only: it never wins
+        values = torch.full(logits.shape[:-1], float("-inf"), dtype=logits.dtype, device=logits.device)
+        index = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
+    else:
+        values, index = logits[..., :real].max(dim=-1)
     world = parallel_state.get_tensor_model_parallel_world_size()
     if world == 1:
         return index

@@ -9,7 +9,9 @@ This component adds the policy around them:
 - resume checks: every checkpoint records the run's identity (preset, tokenizer, data and its
   fingerprint, schedule). A resume whose identity differs stops and names the field, unless the field
   is listed in `checkpoint.allow_changes`; an accepted schedule change rebuilds the LR schedule from
-  the new values (megatron's scheduler would otherwise silently keep the checkpoint's).
+  the new values (megatron's scheduler would otherwise silently keep the checkpoint's);
+- the distributed optimizer's format on disk (`checkpoint.optimizer_format`, see
+  `ccmega.training.checkpointing`); a dp_reshardable checkpoint resumed at another TP/PP is refused.
 """
 from __future__ import annotations
 
@@ -34,6 +36,9 @@ class Checkpointer:
         self.run_dir, self.section, self.identity, self.log = run_dir, section, identity, log
         self.metadata = dict(metadata, identity=identity)
         self.ckpt_dir = ckpt.checkpoints_dir(run_dir)
+        if section.optimizer_format not in ckpt.OPTIMIZER_FORMATS:
+            raise ConfigError(f"checkpoint.optimizer_format must be one of {', '.join(ckpt.OPTIMIZER_FORMATS)}, "
+                              f"not {section.optimizer_format!r}")
         self.last_saved: int | None = None
 
     # ---- resume ------------------------------------------------------------------------------------
@@ -46,6 +51,7 @@ class Checkpointer:
             return None
         saved = ckpt.read_checkpoint_metadata(iter_dir)
         self._check_identity(saved.get("identity"), iter_dir)
+        ckpt.check_layout(saved)  # a dp_reshardable optimizer state at another TP/PP: refused before the build
         return iter_dir
 
     def _check_identity(self, saved: dict | None, iter_dir: str) -> None:
@@ -95,7 +101,8 @@ class Checkpointer:
 
     def save(self, setup, scheduler, progress: dict) -> str:
         t = time.perf_counter()
-        path = ckpt.save_checkpoint(self.run_dir, setup.model, setup.optimizer, scheduler, progress, self.metadata)
+        path = ckpt.save_checkpoint(self.run_dir, setup.model, setup.optimizer, scheduler, progress, self.metadata,
+                                    optimizer_format=self.section.optimizer_format)
         self.last_saved = int(progress["iteration"])
         self.log(f"[ccmega] saved {path} in {time.perf_counter() - t:.1f} s")
         import torch

@@ -11,6 +11,8 @@ listed as not checked; everything else that would stop the job is listed as a fa
 """
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import sys
 import time
@@ -109,6 +111,11 @@ def run(command: str, cfg, build_task, dry: DryRun, memory) -> int:
     reason = fp8_unavailable_reason(cfg.precision)
     if reason:
         dry.not_checked.append(f"FP8: {reason}")
+    # build what the GPUs will hold: "auto" is bf16 there, whatever this CPU would pick for itself
+    cfg = dataclasses.replace(cfg, precision=dataclasses.replace(cfg.precision, dtype=cluster_dtype(cfg.precision)))
+    dry.not_checked.append(f"FP8 is not simulated: the model is built in {cfg.precision.dtype}"
+                           + (f" where the GPU job runs FP8 {cfg.precision.fp8} (Transformer Engine)"
+                              if cfg.precision.fp8 else ""))
     print(f"[ccmega] dry run of `ccmega {command}`: rank {args.rank} of {world_size} (TP {tp} x PP {pp} x DP "
           f"{world_size // max(tp * pp, 1)}), fake devices", flush=True)
     try:
@@ -125,13 +132,15 @@ def run(command: str, cfg, build_task, dry: DryRun, memory) -> int:
 
                 task = build_task(env, cfg, dry)
                 built = sum(p.numel() for m in task.modules for p in m.parameters())
+                dtypes = "/".join(sorted({str(p.dtype).removeprefix("torch.") for m in task.modules
+                                          for p in m.parameters()}))
                 setup, scheduler = build_setup(task, cfg)
                 batches = global_batch(task.train_data, 0, task.global_batch_size, task.micro_batch_size,
                                        ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
                 train_step(setup, iter(batches), len(batches), task.seq_length, task.micro_batch_size,
                            task.forward_step)
                 stage = ps.get_pipeline_model_parallel_rank()
-            print(f"[ccmega] rank {args.rank} (stage {stage}) built {built:,} parameters and ran one step of "
+            print(f"[ccmega] rank {args.rank} (stage {stage}) built {built:,} parameters ({dtypes}) and ran one step of "
                   f"{len(batches)} micro-batch(es) x {task.micro_batch_size} x {task.seq_length} positions", flush=True)
             expected = next((s.params for s in report.stages if s.stage == stage), None)
             if expected is not None and expected != built:

@@ -4,7 +4,7 @@ A command parses its config and hands `run` a function that builds its Task: the
 data, the forward step, what its checkpoints record. The loop owns everything else, the same way for
 every task: megatron DDP + optimizer + LR schedule, resume (through the Checkpointer, which checks what
 it resumes), the step loop, validation, SIGTERM/SIGUSR1, non-finite-loss skips, logging, saving and
-RUN_DIR/status.json.
+RUN_DIR/status.json (a run that dies of an exception leaves it `failed`, with the error).
 
 One step: the global batch at `consumed_samples` -> get_forward_backward_func (micro-batches, pipeline
 schedule) -> DP grad reduction -> clip -> AdamW -> OptimizerParamScheduler.
@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -194,6 +195,22 @@ def write_status(run_dir: str, **status) -> None:
     atomic_write_text(os.path.join(run_dir, "status.json"), json.dumps(status) + "\n")
 
 
+def error_line(error: BaseException) -> str:
+    """The last line of the exception's traceback, e.g. "ValueError: Param id 17 does not match any model
+    sharded param" (a CheckpointException's is the failing writer's own error)."""
+    lines = "".join(traceback.format_exception_only(type(error), error)).strip().splitlines()
+    line = lines[-1].strip() if lines else type(error).__name__
+    return line if len(line) <= 1000 else line[:1000] + " [...]"
+
+
+def record_failure(run_dir: str, error: BaseException, **status) -> None:
+    """status.json says `failed` with the error; never raises (the error itself must propagate)."""
+    try:
+        write_status(run_dir, state="failed", error=error_line(error), **status)
+    except Exception as e:  # e.g. the disk that failed the save
+        print(f"[ccmega] could not record the failure in {run_dir}/status.json: {e}", file=sys.stderr, flush=True)
+
+
 def _format_extra(values: dict) -> str:
     return "".join(f" | {key.replace('_', ' ')} {100 * v:.2f}%" if key.endswith("accuracy") else
                    f" | {key.replace('_', ' ')} {v:.4g}" for key, v in values.items())
@@ -204,20 +221,26 @@ def _format_extra(values: dict) -> str:
 def run(command: str, cfg, build_task: Callable) -> int:
     """Start the distributed runtime, build the task and train it. Returns the process exit code."""
     from ccmega import runtime
+    from ccmega.runtime import lifetime
 
     reason = fp8_unavailable_reason(cfg.precision)
     if reason:
         print(f"ccmega {command}: {reason}", file=sys.stderr)
         return EXIT_CONFIG
-    with runtime.session(cfg.model.tensor_parallel, cfg.model.pipeline_parallel, seed=cfg.train.seed) as env:
+    with lifetime.children_die_with_this_process(), \
+            runtime.session(cfg.model.tensor_parallel, cfg.model.pipeline_parallel, seed=cfg.train.seed) as env:
         stop = StopRequest()  # before the slow start-up: a signal during it still counts
         run_dir = os.path.abspath(cfg.run_dir)
         try:
             task = build_task(env, cfg)
             trainer = Trainer(env, cfg, task, stop, run_dir)
-        except (ConfigError, FileNotFoundError) as e:
+        except (ConfigError, FileNotFoundError) as e:  # refused before anything ran: status.json unchanged
             print(f"ccmega {command}: error: {e}", file=sys.stderr)
             return EXIT_CONFIG
+        except BaseException as e:  # e.g. a checkpoint that does not load
+            if env.rank == 0:
+                record_failure(run_dir, e)
+            raise
         return trainer.train()
 
 
@@ -347,6 +370,16 @@ class Trainer:
                          skipped_steps=self.skips.total, **self.task.status)
 
     def train(self) -> int:
+        """Train to the end (or a stop); an exception leaves status.json `failed` (rank 0) and propagates."""
+        try:
+            return self._train()
+        except BaseException as e:
+            if self.rank0:
+                record_failure(self.run_dir, e, iteration=self.iteration, steps=self.task.steps,
+                               skipped_steps=self.skips.total, **self.task.status)
+            raise
+
+    def _train(self) -> int:
         t, cfg = self.task, self.cfg
         steps = t.steps
         self.write_status("running")

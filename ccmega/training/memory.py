@@ -32,6 +32,7 @@ distributed optimizer), and without sequence parallelism s b h (10 + 24 / t) per
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -42,6 +43,7 @@ GIB = 1024 ** 3
 ELEMENT_BYTES = {"bf16": 2, "fp32": 4}
 OPTIMIZER_BYTES = {"bf16": 12, "fp32": 8}  # per parameter, before sharding over DP
 DEFAULT_GPU_MEMORY_GIB = 80.0  # H800
+KERNELS = ("te", "local")  # Transformer Engine's fused kernels; megatron's local spec on torch ops
 
 
 @dataclass(frozen=True)
@@ -64,10 +66,11 @@ class StageMemory:
     optimizer: int
     activations: int
     in_flight: int  # micro-batches whose activations the stage holds at once
+    transients: int = 0  # short-lived tensors at the step's peak, beside the kept activations
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations
+        return self.weights + self.gradients + self.optimizer + self.activations + self.transients
 
 
 @dataclass(frozen=True)
@@ -107,11 +110,25 @@ class MemoryReport:
 
 # ---- the pieces -------------------------------------------------------------------------------------------
 
-def layer_activation_bytes(p: ModelPreset, tp: int, micro_batch: int, seq: int, dtype: str) -> int:
-    """Activations one transformer layer keeps for the backward pass, for one micro-batch (formula above)."""
+def layer_activation_bytes(p: ModelPreset, tp: int, micro_batch: int, seq: int, dtype: str, kernels: str = "te",
+                           trainable: bool = True) -> int:
+    """Activations one transformer layer keeps for the backward pass, for one micro-batch. "te": the fused
+    kernels' formula above (frozen layers counted as trainable ones: an upper bound). "local": megatron's local
+    spec on torch ops, as measured by autograd's saved-tensor hooks in bf16 (see LOCAL_SPEC below)."""
     e, sb = ELEMENT_BYTES[dtype], seq * micro_batch
-    a, g, d, f = p.num_attention_heads, p.num_query_groups, p.head_dim, p.ffn_hidden_size
-    return 4 * e * sb * p.hidden_size + (e * sb * (3 * a * d + 3 * g * d + 3 * f) + 4 * sb * a) // tp
+    a, g, d, f, h = p.num_attention_heads, p.num_query_groups, p.head_dim, p.ffn_hidden_size, p.hidden_size
+    if kernels == "te":
+        return 4 * e * sb * h + (e * sb * (3 * a * d + 3 * g * d + 3 * f) + 4 * sb * a) // tp
+    if kernels != "local":
+        raise ValueError(f"kernels must be one of {KERNELS}, not {kernels!r}")
+    a, g, f = a // tp, g // tp, f // tp
+    norm = 8 if trainable else 4  # torch's RMSNorm works in fp32: fp32 input, + fp32 output if its weight trains
+    per_token = (2 * (norm * h + 4)  # input and pre-MLP RMSNorm (+ the fp32 inverse RMS)
+                 + norm * (a + g) * d + 4 * (a + g)  # QK-norms, one per head
+                 + e * (3 * a * d + 3 * g * d) + 4 * a  # attention: q, k, v, output, log-sum-exp
+                 + 4 * e * f  # SwiGLU: FC1 output (gate and up) and two products
+                 + (e * (2 * h + f) if trainable else 0))  # inputs of QKV, FC1 and FC2 (weight gradients)
+    return sb * per_token + 4 * e * d * seq  # RoPE's cos and sin, per position
 
 
 def output_activation_bytes(p: ModelPreset, tp: int, micro_batch: int, seq: int, dtype: str) -> int:
@@ -226,14 +243,50 @@ def icae_trainable_extra(encoder: ModelPreset, decoder: ModelPreset, memory_slot
     return memory_slots * enc_h + dec_h + enc_h * dec_h + dec_h
 
 
+def icae_step_bytes(encoder: ModelPreset, decoder: ModelPreset, layout: Layout, micro_batch: int,
+                    context_tokens: int, memory_slots: int, dtype: str = "bf16", kernels: str = "te") -> int:
+    """What one ICAE micro-batch adds at the step's peak: activations kept for backward plus the transients."""
+    activations, transients = icae_activation_bytes(encoder, decoder, layout.tensor_parallel, micro_batch,
+                                                    context_tokens, memory_slots, dtype, kernels)
+    return activations + transients
+
+
+def icae_activation_bytes(encoder: ModelPreset, decoder: ModelPreset, tp: int, micro_batch: int, L: int, k: int,
+                          dtype: str, kernels: str) -> tuple[int, int]:
+    """(kept, transient) bytes of one ICAE micro-batch. Kept: the trainable encoder over L + k positions, its
+    final norm and the projector's input; the frozen decoder over k + 1 + L positions (it keeps what the
+    gradient to the memory needs: no linear-layer inputs with the local spec), its final norm, and the fp32
+    softmax of the cross entropy at the L + 1 positions the loss reads. Transient: the step peaks either at
+    the start of the backward pass, where the logits in the model's dtype sit beside that fp32 copy (then
+    their gradient does), or at its end, when the encoder's embedding gradient [V / TP, h] is accumulated
+    into megatron's fp32 grad buffer (autograd's gradient, its copy, and on a CPU an fp32 temporary of a
+    bf16 one: 2 e + 4 bytes per element, measured). Whichever is larger counts."""
+    e, b = ELEMENT_BYTES[dtype], micro_batch
+    enc_s, dec_s = L + k, k + 1 + L
+    vocab = padded_vocab_size(decoder.vocab_size, tp) // tp
+    if kernels == "local":  # torch's RMSNorm keeps fp32 tensors (see layer_activation_bytes)
+        enc_norm, dec_norm = 8 * encoder.hidden_size + 4, 4 * decoder.hidden_size + 4
+    else:
+        enc_norm, dec_norm = e * encoder.hidden_size, e * decoder.hidden_size
+    encoder_kept = (encoder.num_layers * layer_activation_bytes(encoder, tp, b, enc_s, dtype, kernels)
+                    + b * enc_s * enc_norm + e * b * k * encoder.hidden_size + 8 * b * L)
+    decoder_kept = (decoder.num_layers * layer_activation_bytes(decoder, tp, b, dec_s, dtype, kernels, trainable=False)
+                    + b * dec_s * dec_norm + 4 * b * (L + 1) * vocab + 8 * b * L)
+    kept = encoder_kept + decoder_kept
+    logits = e * b * (L + 1) * vocab
+    embedding_gradient = (2 * e + (4 if e != 4 else 0)) * (padded_vocab_size(encoder.vocab_size, tp) // tp) \
+        * encoder.hidden_size
+    return kept, max(logits, embedding_gradient - kept)
+
+
 def icae_memory_report(encoder: ModelPreset, decoder: ModelPreset, layout: Layout, micro_batch: int,
                        context_tokens: int, memory_slots: int, distributed_optimizer: bool = False,
                        dtype: str = "bf16", gpu_memory_gib: float = DEFAULT_GPU_MEMORY_GIB,
-                       global_batch: int | None = None) -> tuple[MemoryReport, str]:
+                       global_batch: int | None = None, kernels: str = "local") -> tuple[MemoryReport, str]:
     """One ICAE training rank: the trainable encoder + ICAE parameters (weights, gradients, optimizer), the
-    frozen decoder (weights only), and the activations of the encoder over L + k positions and of the decoder
-    over k + 1 + L positions with its loss on L + 1 (the frozen decoder still keeps them: the gradient flows
-    through it to the memory). PP must be 1."""
+    frozen decoder (weights only), and one micro-batch's activations and transients (icae_activation_bytes).
+    `kernels` "local" (megatron's local spec, validated against measured peaks: benchmarks/icae_memory.py) is
+    the default: it bounds what Transformer Engine's fused kernels keep from above. PP must be 1."""
     if dtype not in ELEMENT_BYTES:
         raise ValueError(f"dtype must be one of {sorted(ELEMENT_BYTES)}, not {dtype!r}")
     L, k, t, dp = context_tokens, memory_slots, layout.tensor_parallel, layout.data_parallel
@@ -252,16 +305,14 @@ def icae_memory_report(encoder: ModelPreset, decoder: ModelPreset, layout: Layou
         trainable = stage_counts(encoder, t, 1)[0].params_per_tp_rank + icae_trainable_extra(encoder, decoder, k)
         frozen = stage_counts(decoder, t, 1)[0].params_per_tp_rank
         weights, grads, optimizer = state_bytes(trainable, dtype, dp, distributed_optimizer)
-        e = ELEMENT_BYTES[dtype]
-        encoder_act = (encoder.num_layers * layer_activation_bytes(encoder, t, micro_batch, L + k, dtype)
-                       + e * micro_batch * (L + k) * encoder.hidden_size  # final norm input
-                       + 8 * micro_batch * L)  # token ids
-        decoder_act = (decoder.num_layers * layer_activation_bytes(decoder, t, micro_batch, k + 1 + L, dtype)
-                       + output_activation_bytes(decoder, t, micro_batch, L + 1, dtype) + 8 * micro_batch * L)
-        stages = (StageMemory(0, trainable + frozen, weights + frozen * e, grads, optimizer,
-                              encoder_act + decoder_act, 1),)
+        kept, transients = icae_activation_bytes(encoder, decoder, t, micro_batch, L, k, dtype, kernels)
+        stages = (StageMemory(0, trainable + frozen, weights + frozen * ELEMENT_BYTES[dtype], grads, optimizer,
+                              kept, 1, transients),)
     name = f"ICAE {encoder.name} -> frozen {decoder.name} (k={k}, L={L})"
     notes = _vocab_note(encoder, t) + _vocab_note(decoder, t) + [
+        "activations of megatron's local layer spec (validated against measured peaks on a CPU, "
+        "benchmarks/icae_memory.py); Transformer Engine's fused kernels keep less" if kernels == "local" else
+        "activations of Transformer Engine's fused kernels (not validated: the measured peaks are of the local spec)",
         "megatron's report_theoretical_memory covers one trainable GPT: not applicable to an encoder + frozen "
         "decoder pair"]
     if stages:
@@ -270,6 +321,17 @@ def icae_memory_report(encoder: ModelPreset, decoder: ModelPreset, layout: Layou
     report = _finish(MemoryReport(name, layout, micro_batch, L, num_microbatches, global_batch, dtype,
                                   distributed_optimizer, round(gpu_memory_gib * GIB), stages, None,
                                   tuple(problems), tuple(notes)))
+    if stages and not report.ok and micro_batch > 1 and len(report.problems) == 1:  # over budget only
+        fits = [mb for mb in range(micro_batch - 1, 0, -1) if micro_batch % mb == 0 and icae_memory_report(
+            encoder, decoder, layout, mb, L, k, distributed_optimizer, dtype, gpu_memory_gib, global_batch,
+            kernels)[0].ok]
+        if fits:
+            smaller, _ = icae_memory_report(encoder, decoder, layout, fits[0], L, k, distributed_optimizer, dtype,
+                                            gpu_memory_gib, global_batch, kernels)
+            report = dataclasses.replace(report, problems=report.problems[:-1] + (
+                report.problems[-1] + f"; the same global batch fits as micro-batch {fits[0]} x "
+                f"{smaller.num_microbatches} accumulation: {smaller.peak.total / GIB:.1f} GiB (--micro-batch-size "
+                f"{fits[0]} --global-batch-size {global_batch})",))
     return report, describe(report)
 
 
@@ -307,6 +369,8 @@ def describe(r: MemoryReport) -> str:
             f"  optimizer         {_gib(peak.optimizer)}   (AdamW{' fp32 main +' if r.dtype == 'bf16' else ''} "
             f"2 moments{sharded})",
             f"  activations       {_gib(peak.activations)}   ({peak.in_flight} micro-batch(es) in flight)",
+            *([f"  transients        {_gib(peak.transients)}   (logits beside their fp32 copy, or the embedding's gradient)"]
+              if peak.transients else []),
             f"  total             {_gib(peak.total)}   of {r.gpu_memory / GIB:g} GiB "
             f"({100 * peak.total / r.gpu_memory:.0f}%)",
         ]

@@ -52,6 +52,10 @@ class CheckpointSection:
     milestone_interval: int = 0  # checkpoints at multiples of this step are never deleted (0: none)
     # fields whose change against the checkpoint is accepted on resume, e.g. [train.steps, data.paths]
     allow_changes: list[str] = field(default_factory=list)
+    # the distributed optimizer's state on disk (ignored by the plain optimizer, which reshards at any layout):
+    # dp_reshardable: each DP rank writes/reads only its shard; resumes under another DP size, not TP/PP.
+    # fully_reshardable: gathers the whole state on every DP rank at save (host RAM); resumes at any layout.
+    optimizer_format: str = "dp_reshardable"
 
 
 @dataclass
@@ -61,3 +65,4 @@ class LoggingSection:
     eval_iters: int = 10  # global batches per validation (the same batches every time)
     tensorboard: bool = True
     peak_tflops: float | None = None  # per GPU; None: 989 (H800 bf16 dense) or 1979 with FP8
+

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 SEQ, MICRO_BATCH, MICRO_BATCHES = 16, 2, 2
+CLUSTER_DTYPE = torch.bfloat16  # what precision.dtype=auto gives on a GPU (FP8 needs TE: not simulated here)
 VOCAB_IDS = 100  # token ids drawn below every tiny preset's vocabulary
 
 
@@ -40,6 +41,10 @@ def _devices(module) -> list[str]:
     return sorted({str(p.device) for p in module.parameters()})
 
 
+def _dtypes(module) -> list[str]:
+    return sorted({str(p.dtype) for p in module.parameters()})
+
+
 def pretrain_step(args) -> dict:
     from megatron.core import parallel_state as ps
 
@@ -49,7 +54,7 @@ def pretrain_step(args) -> dict:
     from ccmega.training.engine import build_training_setup, evaluate_loss, gpt_forward_step, train_step
 
     preset = model_preset(args.preset)
-    config = transformer_config(preset, args.tp, args.pp)
+    config = transformer_config(preset, args.tp, args.pp, params_dtype=CLUSTER_DTYPE)
     model = build_model(preset, config)
     setup = build_training_setup([model], config, lr=1e-3, use_distributed_optimizer=args.distributed_optimizer)
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
@@ -60,7 +65,7 @@ def pretrain_step(args) -> dict:
     batches = global_batch(data, gbs, gbs, MICRO_BATCH, dp_rank, dp_size)
     valid = evaluate_loss(setup, iter(batches), len(batches), SEQ, MICRO_BATCH)
     return {"loss": result.loss, "grad_norm": result.grad_norm, "updated": result.update_successful,
-            "valid_loss": valid, "param_devices": _devices(model)}
+            "valid_loss": valid, "param_devices": _devices(model), "param_dtypes": _dtypes(model)}
 
 
 def _tiny_icae(args):
@@ -69,7 +74,7 @@ def _tiny_icae(args):
     from ccmega.presets import model_preset
 
     preset = model_preset(args.preset)
-    encoder, decoder = (build_model(preset, transformer_config(preset, args.tp, 1)) for _ in range(2))
+    encoder, decoder = (build_model(preset, transformer_config(preset, args.tp, 1, params_dtype=CLUSTER_DTYPE)) for _ in range(2))
     return ICAEModel(encoder, decoder, num_memory_slots=args.memory_slots, end_token_id=0,
                      real_vocab_size=preset.vocab_size)
 
@@ -101,7 +106,7 @@ def icae_step(args) -> dict:
     batches = global_batch(_samples(gbs, L), 0, gbs, MICRO_BATCH, dp_rank, dp_size)
     result = train_step(setup, iter(batches), len(batches), L + 1, MICRO_BATCH, forward_step)
     out = {"loss": result.loss, "grad_norm": result.grad_norm, "updated": result.update_successful,
-           "param_devices": _devices(icae)}
+           "param_devices": _devices(icae), "param_dtypes": _dtypes(icae)}
     if hasattr(forward_step, "metrics"):  # the command's step: its DP all-reduce of the token counts
         out["metrics"] = forward_step.metrics()
     return out
@@ -128,7 +133,7 @@ def evaluation_batch(args) -> dict:
     latency = measure_latency(icae, context_tokens=L, generate_tokens=3, warmup=0, repeats=1)
     return {"reconstruction": list(cached.tokens.shape), "uncached": list(uncached.tokens.shape),
             "tokens": cached.token_lists(), "entropy": entropy.tolist(), "latency_keys": sorted(latency),
-            "param_devices": _devices(icae)}
+            "param_devices": _devices(icae), "param_dtypes": _dtypes(icae)}
 
 
 def real_preset(args) -> dict:
@@ -147,7 +152,7 @@ def real_preset(args) -> dict:
 
     preset = model_preset(args.preset)
     started = time.perf_counter()
-    config = transformer_config(preset, args.tp, args.pp, params_dtype=torch.bfloat16)
+    config = transformer_config(preset, args.tp, args.pp, params_dtype=CLUSTER_DTYPE)
     model = build_model(preset, config)
     stage = ps.get_pipeline_model_parallel_rank()
     report, _ = memory_report(preset, Layout(args.world_size, args.tp, args.pp), 1, args.seq_length,
