@@ -4,6 +4,7 @@ The models sit on `meta` (the stand-in accelerator), ops refuse tensors on two d
 refuse tensors off the model's device, as CUDA and NCCL do. Each scenario runs every rank of its fake
 world (tests/fake_cuda_steps.py), all in one subprocess: the suite's process group must not be touched.
 Values are not checked here (meta tensors hold none): placement, shapes and the collectives' devices are.
+The models are bf16, the dtype `precision.dtype=auto` gives on a GPU; FP8 (Transformer Engine) is not simulated.
 """
 import json
 import os
