@@ -257,8 +257,8 @@ def icae_activation_bytes(encoder: ModelPreset, decoder: ModelPreset, tp: int, m
     final norm and the projector's input; the frozen decoder over k + 1 + L positions (it keeps what the
     gradient to the memory needs: no linear-layer inputs with the local spec), its final norm, and the fp32
     softmax of the cross entropy at the L + 1 positions the loss reads. Transient: the step peaks either at
-    the start of the backward pass, where the logits in the model's dtype sit beside that fp32 copy (then
-    their gradient does), or at its end, when the encoder's embedding gradient [V / TP, h] is accumulated
+    the start of the backward pass, where bf16 logits sit beside that fp32 copy (then their gradient does;
+    fp32 logits are the copy), or at its end, when the encoder's embedding gradient [V / TP, h] is accumulated
     into megatron's fp32 grad buffer (autograd's gradient, its copy, and on a CPU an fp32 temporary of a
     bf16 one: 2 e + 4 bytes per element, measured). Whichever is larger counts."""
     e, b = ELEMENT_BYTES[dtype], micro_batch
@@ -273,7 +273,7 @@ def icae_activation_bytes(encoder: ModelPreset, decoder: ModelPreset, tp: int, m
     decoder_kept = (decoder.num_layers * layer_activation_bytes(decoder, tp, b, dec_s, dtype, kernels, trainable=False)
                     + b * dec_s * dec_norm + 4 * b * (L + 1) * vocab + 8 * b * L)
     kept = encoder_kept + decoder_kept
-    logits = e * b * (L + 1) * vocab
+    logits = e * b * (L + 1) * vocab if e != 4 else 0  # fp32 logits: the cross entropy works on them in place
     embedding_gradient = (2 * e + (4 if e != 4 else 0)) * (padded_vocab_size(encoder.vocab_size, tp) // tp) \
         * encoder.hidden_size
     return kept, max(logits, embedding_gradient - kept)
