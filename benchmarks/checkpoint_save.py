@@ -29,30 +29,13 @@ import time
 FORMATS = ("dp_reshardable", "fully_reshardable")
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS
-
-
 def measured(call):
     """(result, peak RSS growth in MiB, seconds) of `call()` on this rank."""
-    import gc
+    from peak_rss import peak_growth
 
-    gc.collect()
-    _reset_peak()
-    before = _status_kib("VmRSS")
     t0 = time.perf_counter()
-    result = call()
-    seconds = time.perf_counter() - t0
-    return result, (_status_kib("VmHWM") - before) / 1024, seconds
+    result, growth = peak_growth(call)
+    return result, growth / 2**20, time.perf_counter() - t0
 
 
 def du_mib(path: str) -> float:

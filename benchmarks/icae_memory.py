@@ -32,26 +32,6 @@ def parse(argv=None):
     return p.parse_args(argv)
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def peak_growth(step) -> int:
-    """Bytes by which the resident set peaked above its level before `step()` ran."""
-    import gc
-
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
-    before = _status_kib("VmRSS")
-    step()
-    return (_status_kib("VmHWM") - before) * 1024
-
-
 def measure(encoder: str, decoder: str, memory_slots: int, context_tokens: int, micro_batches: list[int],
             dtype: str = "bf16") -> list[dict]:
     """[{micro_batch, measured, estimate}] in bytes, one training step each (world of one, TP 1)."""
@@ -64,6 +44,7 @@ def measure(encoder: str, decoder: str, memory_slots: int, context_tokens: int, 
     from ccmega.training.engine import build_training_setup, train_step
     from ccmega.training.icae_train import ICAEForwardStep
     from ccmega.training.memory import Layout, icae_step_bytes
+    from peak_rss import peak_growth
 
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") != MMAP_THRESHOLD:
         raise RuntimeError(f"run with MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD} (glibc reads it at start-up)")
@@ -84,7 +65,7 @@ def measure(encoder: str, decoder: str, memory_slots: int, context_tokens: int, 
 
         step(1)  # the optimizer state appears at the first step: not part of a step's growth
         for b in micro_batches:
-            measured = peak_growth(lambda: step(b))
+            _, measured = peak_growth(lambda: step(b))
             estimate = icae_step_bytes(enc, dec, Layout(1), b, L, k, dtype, kernels="local")
             rows.append({"micro_batch": b, "measured": measured, "estimate": estimate})
     return rows
