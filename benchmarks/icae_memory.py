@@ -29,11 +29,13 @@ def parse(argv=None):
     p.add_argument("--context-tokens", type=int, default=512)
     p.add_argument("--micro-batches", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--cross-entropy-fusion", action="store_true",
+                   help="megatron's fused cross entropy (speed.cross_entropy_fusion; bf16 only)")
     return p.parse_args(argv)
 
 
 def measure(encoder: str, decoder: str, memory_slots: int, context_tokens: int, micro_batches: list[int],
-            dtype: str = "bf16") -> list[dict]:
+            dtype: str = "bf16", cross_entropy_fusion: bool = False) -> list[dict]:
     """[{micro_batch, measured, estimate}] in bytes, one training step each (world of one, TP 1)."""
     import torch
 
@@ -53,7 +55,8 @@ def measure(encoder: str, decoder: str, memory_slots: int, context_tokens: int, 
     k, L = memory_slots, context_tokens
     rows = []
     with runtime.session():
-        configs = [transformer_config(p, params_dtype=params_dtype) for p in (enc, dec)]
+        configs = [transformer_config(p, params_dtype=params_dtype, cross_entropy_loss_fusion=cross_entropy_fusion)
+                   for p in (enc, dec)]
         model = build_icae(enc, dec, *configs, k, end_token_id=1, seed=0)
         setup = build_training_setup([model], configs[0], lr=1e-4)
         forward = ICAEForwardStep()
@@ -66,7 +69,8 @@ def measure(encoder: str, decoder: str, memory_slots: int, context_tokens: int, 
         step(1)  # the optimizer state appears at the first step: not part of a step's growth
         for b in micro_batches:
             _, measured = peak_growth(lambda: step(b))
-            estimate = icae_step_bytes(enc, dec, Layout(1), b, L, k, dtype, kernels="local")
+            estimate = icae_step_bytes(enc, dec, Layout(1), b, L, k, dtype, kernels="local",
+                                       fused_cross_entropy=cross_entropy_fusion)
             rows.append({"micro_batch": b, "measured": measured, "estimate": estimate})
     return rows
 
@@ -76,10 +80,12 @@ def main(argv=None) -> int:
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") != MMAP_THRESHOLD:  # glibc reads it once, at start-up
         os.environ["MALLOC_MMAP_THRESHOLD_"] = MMAP_THRESHOLD
         os.execv(sys.executable, [sys.executable, *sys.argv])
-    rows = measure(args.encoder, args.decoder, args.memory_slots, args.context_tokens, args.micro_batches, args.dtype)
+    rows = measure(args.encoder, args.decoder, args.memory_slots, args.context_tokens, args.micro_batches, args.dtype,
+                   args.cross_entropy_fusion)
     gib = 1024 ** 3
     print(f"ICAE {args.encoder} -> frozen {args.decoder}, k={args.memory_slots}, L={args.context_tokens}, "
-          f"{args.dtype}, megatron local spec, CPU: one training step's peak growth")
+          f"{args.dtype}, megatron local spec{', fused cross entropy' if args.cross_entropy_fusion else ''}, CPU: "
+          "one training step's peak growth")
     print("| micro-batch | measured GiB | estimate GiB | estimate / measured |")
     print("|---:|---:|---:|---:|")
     for r in rows:

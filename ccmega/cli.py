@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from ccmega.config import ConfigError
+
 # command -> (module with `main(argv) -> int | None`, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("ccmega.models.info", "print a preset's architecture and parameter counts"),
@@ -38,7 +40,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ccmega: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
-    return module.main(rest) or 0
+    try:
+        return module.main(rest) or 0
+    except ConfigError as e:  # refused at start (a bad setting, a GPU job's rank without a GPU): one line
+        print(f"ccmega {name}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,14 +1,20 @@
 # Sourced (not run) by slurm/launch_pretrain.sh, slurm/icae_finetune.sh and slurm/icae_grid.sh: what
 # every ccmega SLURM job does the same way, in one place. Needs PYTHON (default python). Defines:
 #
-#   job_environment            CCMEGA_CPU=1: no GPU visible, gloo, OMP_NUM_THREADS=1; else the NCCL settings.
+#   job_environment            CCMEGA_CPU=1: no GPU visible, gloo, OMP_NUM_THREADS=1, CCMEGA_DEVICE=cpu; else
+#                              the NCCL settings and CCMEGA_DEVICE=cuda (a task that sees no GPU then fails at
+#                              start, naming its node and CUDA_VISIBLE_DEVICES, instead of hanging the job).
 #                              MASTER_ADDR/PORT from the allocation; NODES and GPUS_PER_NODE (the srun layout:
-#                              the allocation's unless set; with DRY_RUN=1 the job script's #SBATCH defaults)
+#                              the allocation's unless set; with DRY_RUN=1 the job script's #SBATCH defaults);
+#                              CPUS_PER_TASK (SLURM_CPUS_PER_TASK, else the node's CPUs / GPUS_PER_NODE), which
+#                              is also OMP_NUM_THREADS of a GPU task unless set
 #   run_ccmega TAG RUN_DIR ARG...
 #                              `python -m ccmega.cli ARG... $EXTRA_ARGS`, in $REPO (on PYTHONPATH), as one
-#                              task per GPU through srun; USR1/TERM are
-#                              forwarded to the tasks (they checkpoint at the next step and exit 0), and the job
-#                              is requeued when RUN_DIR/status.json then says "interrupted". Returns srun's code.
+#                              task per GPU through srun (--cpus-per-task=$CPUS_PER_TASK; GPU jobs also
+#                              --gpu-bind=$GPU_BIND, default none, and --distribution=block:block: see
+#                              gpu_binding); USR1/TERM are forwarded to the tasks (they checkpoint at the next
+#                              step and exit 0), and the job is requeued when RUN_DIR/status.json then says
+#                              "interrupted". Returns srun's code.
 #                              DRY_RUN=1: one process on this node, no srun, no run dir, no requeue:
 #                              `ccmega ARG... --dry-run --world-size NODES*GPUS_PER_NODE` (builds the real preset
 #                              at the real layout for one rank and prints the memory/layout checks).
@@ -21,7 +27,9 @@ job_environment() {
     if [ "${CCMEGA_CPU:-0}" = "1" ]; then
         export CUDA_VISIBLE_DEVICES=""  # torch sees no GPU: gloo, fp32, megatron's local layer spec
         export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+        export CCMEGA_DEVICE=cpu
     else
+        export CCMEGA_DEVICE=cuda                     # ccmega refuses to start a task that sees no GPU
         export CUDA_DEVICE_MAX_CONNECTIONS=1          # megatron: keep TP communication ordered
         export TORCH_NCCL_ASYNC_ERROR_HANDLING=1      # a dead rank aborts the job instead of hanging it
         export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
@@ -46,6 +54,25 @@ job_environment() {
     fi
     NODES=${NODES:-${SLURM_JOB_NUM_NODES:-1}}
     GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_NTASKS_PER_NODE:-$(( ${SLURM_NTASKS:-1} / NODES ))}}
+    # srun need not inherit sbatch's --cpus-per-task (SLURM 22.05 does not): pass it. Without one, the node's
+    # CPUs are shared out here rather than fixed in #SBATCH lines, so one script fits nodes of any core count.
+    local cpus=${SLURM_CPUS_ON_NODE:-$(nproc)} tasks=$(( GPUS_PER_NODE > 0 ? GPUS_PER_NODE : 1 ))
+    CPUS_PER_TASK=${CPUS_PER_TASK:-${SLURM_CPUS_PER_TASK:-$(( cpus / tasks > 0 ? cpus / tasks : 1 ))}}
+    # a GPU task's host threads on its own cores only: 8 tasks x all cores would oversubscribe the node
+    [ "${CCMEGA_CPU:-0}" = "1" ] || export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$CPUS_PER_TASK}
+}
+
+# GPU binding. Every task of a node sees all of the node's GPUs (--gpu-bind=none) and ccmega binds task
+# and GPU itself: the task with SLURM_LOCALID i uses cuda:i (ccmega.runtime.distributed.gpu_index), and
+# refuses to start when that GPU is not there. SLURM's own per-task binding (single:1, per_task:1,
+# --gpus-per-task) hides the other GPUs from each task (per-task device cgroups where ConstrainDevices
+# is set), and NCCL needs to see all GPUs of a node to detect NVLink (NVIDIA/nccl#1066): it falls back
+# to slower paths. GPU_BIND=single:1 (one GPU per task, the one closest to the task's CPUs by gres.conf)
+# is supported too: a task that sees one GPU uses it. --distribution=block:block gives consecutive
+# tasks the cores of one socket before the next (SLURM's default, block:cyclic, alternates sockets), so
+# on the usual 8-GPU node (GPUs 0-3 on the first socket) task i runs on cores beside GPU i.
+gpu_binding() {
+    [ "${CCMEGA_CPU:-0}" = "1" ] || echo "--gpu-bind=${GPU_BIND:-none} --distribution=block:block"
 }
 
 sbatch_default() {  # OPTION: its value on the job script's "#SBATCH --OPTION=VALUE" line, if any
@@ -67,7 +94,9 @@ run_ccmega() {  # TAG RUN_DIR ARG...
         return $?
     fi
     mkdir -p "$run_dir"
+    # shellcheck disable=SC2046
     srun --nodes="$NODES" --ntasks-per-node="$GPUS_PER_NODE" --ntasks=$((NODES * GPUS_PER_NODE)) \
+         --cpus-per-task="$CPUS_PER_TASK" $(gpu_binding) \
          --kill-on-bad-exit=1 "${PYTHON:-python}" -m ccmega.cli "$@" &
     SRUN_PID=$!
     trap "_forward_signal $tag USR1" USR1

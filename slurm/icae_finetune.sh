@@ -14,6 +14,8 @@
 #   DISTRIBUTED_OPTIMIZER=true             shard Adam state over DP (off by default)
 #   NODES, GPUS_PER_NODE                    srun layout inside the allocation (default: the allocation's;
 #                                           with DRY_RUN=1 this file's #SBATCH --nodes / --ntasks-per-node)
+#   CPUS_PER_TASK, GPU_BIND                 srun's --cpus-per-task (default: the node's CPUs / tasks) and
+#                                           --gpu-bind (default none: ccmega uses cuda:SLURM_LOCALID); slurm/README.md
 #   CCMEGA_CPU=1    CPU cluster: no GPUs visible, gloo, fp32 (override the allocation on the sbatch line:
 #                   sbatch --nodes=1 --ntasks=1 --gpus-per-node=0 ...)
 #   EXTRA_ARGS      appended to the command line, e.g. "--set optim.max_lr=5e-5";  PYTHON, CCMEGA_HOME

@@ -57,7 +57,6 @@ args=(pretrain --run-dir "$RUN_DIR" --preset "$PRESET" --data "$DATA_PREFIX")
 [ -n "${MICRO_BATCH_SIZE:-}" ] && args+=(--micro-batch-size "$MICRO_BATCH_SIZE")
 [ -n "${SAVE_INTERVAL:-}" ] && args+=(--save-interval "$SAVE_INTERVAL")
 [ -n "${EVAL_INTERVAL:-}" ] && args+=(--eval-interval "$EVAL_INTERVAL")
-[ "${CCMEGA_CPU:-0}" = "1" ] || args+=(--set train.distributed_optimizer=true)
 if [ "$FP8" != "off" ]; then
     args+=(--fp8 "$FP8" --fp8-recipe "${FP8_RECIPE:-tensorwise}" --fp8-bf16-layers "${FP8_BF16_LAYERS:-1}")
 fi

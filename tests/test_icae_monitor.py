@@ -35,20 +35,20 @@ def test_logged_lm_loss_is_the_decoders_nll_on_the_steps_contexts(decoder):
         from ccmega.evaluation.entropy import token_nll
 
         expected = float(torch.cat([token_nll(decoder, c) for c in contexts]).mean())
-    assert monitor.on_log(60, 0.0)["decoder_lm_loss"] == pytest.approx(expected, rel=1e-6)
+    assert monitor.check(60, 0.0)["decoder_lm_loss"] == pytest.approx(expected, rel=1e-6)
 
 
 def test_warning_fires_once_past_the_share_and_within_the_margin(decoder):
     contexts = [torch.randint(0, 1000, (4, 16), generator=torch.Generator().manual_seed(1))]
     monitor, status, lines = monitor_after_one_step(decoder, contexts, collapse_after=0.5, collapse_margin=0.05)
-    lm = monitor.on_log(10, 0.0)["decoder_lm_loss"]
-    monitor.on_log(40, lm)  # before half of training: no verdict yet
+    lm = monitor.check(10, 0.0)["decoder_lm_loss"]
+    monitor.check(40, lm)  # before half of training: no verdict yet
     assert "collapse" not in status and not lines
-    monitor.on_log(60, 0.90 * lm)  # 10% under the LM loss: the memory is used
+    monitor.check(60, 0.90 * lm)  # 10% under the LM loss: the memory is used
     assert "collapse" not in status
-    monitor.on_log(70, 0.97 * lm)  # within 5%
+    monitor.check(70, 0.97 * lm)  # within 5%
     assert status["collapse"]["step"] == 70 and status["collapse"]["decoder_lm_loss"] == pytest.approx(lm)
-    monitor.on_log(80, lm)
+    monitor.check(80, lm)
     assert status["collapse"]["step"] == 70 and len(lines) == 1 and "not using its memory" in lines[0]
 
 

@@ -88,6 +88,55 @@ def test_loss_falls_and_accuracy_is_logged(full_run):
     assert all(0.0 <= r["token_accuracy"] <= 1.0 for r in train)
 
 
+def test_decoder_check_runs_every_interval_and_its_flops_count(full_run, inputs):
+    """The collapse monitor's decoder forward runs at monitor.interval (20) and the last step, and the step's
+    TFLOP/s counts it: FLOPs / step = the samples' training FLOPs + the check's forward (by hand, 6N + 12 L n d s
+    per token for forward + backward, a third of it for a forward)."""
+    from ccmega.presets import ModelPreset
+    from ccmega.training.checkpointing import read_checkpoint_metadata
+
+    train = {r["step"]: r for r in records(full_run["run_dir"])}
+    assert [step for step, r in train.items() if "decoder_lm_loss" in r] == [20, STEPS]
+
+    def fwd_bwd_per_token(preset, s):
+        return 6 * preset.total_params() + 12 * preset.num_layers * preset.num_attention_heads * preset.head_dim * s
+
+    enc, dec = (ModelPreset(**read_checkpoint_metadata(inputs[role])["model_preset"]) for role in ("enc", "dec"))
+    sample = fwd_bwd_per_token(enc, L + K) * (L + K) + 2 / 3 * fwd_bwd_per_token(dec, K + 1 + L) * (K + 1 + L)
+    check = fwd_bwd_per_token(dec, L) / 3 * L
+    for step, r in train.items():
+        flops = r["tflops_per_gpu"] * 1e12 * r["step_time_s"]  # one process
+        expected = MBS * (sample + (check if step in (20, STEPS) else 0))
+        assert flops == pytest.approx(expected, rel=1e-9), step
+
+
+def test_token_accuracy_is_counted_without_a_host_sync():
+    """The forward step's loss function adds the correct-token count on the device: on `meta` tensors, which
+    have no values, any int()/item() per micro-batch would raise."""
+    from ccmega.training.icae_train import ICAEForwardStep
+
+    step = ICAEForwardStep()
+    correct = torch.ones(2, L + 1, dtype=torch.bool, device="meta")
+    model = lambda context: (torch.zeros(2, L + 1, device="meta"), correct)  # noqa: E731
+    for _ in range(3):  # three micro-batches
+        _, loss_func = step(iter([{"tokens": torch.zeros(2, L, dtype=torch.long)}]), model)
+        loss_func(torch.zeros(2, L + 1, device="meta"))
+    assert step.total == 3 * 2 * (L + 1) and step.correct.device.type == "meta"
+
+
+def test_default_decoder_check_costs_at_most_two_percent():
+    """For every encoder/decoder size pair of the paper (k 128, L 512), one check per monitor.interval steps."""
+    from ccmega.presets import model_preset
+    from ccmega.training.icae_monitor import MonitorSection
+    from ccmega.training.icae_train import decoder_check_flops_per_sample, icae_flops_per_sample
+
+    sizes = [model_preset(f"qwen3-{s}") for s in ("200m", "500m", "800m", "1b")]
+    worst = max(decoder_check_flops_per_sample(d, 512) / icae_flops_per_sample(e, d, 128, 512)
+                for e in sizes for d in sizes)
+    assert 0.25 < worst < 0.35  # 200m encoder -> 1b decoder: a check costs 30% of a step
+    assert worst / MonitorSection().interval <= 0.02
+
+
 def test_decoder_frozen_bytes_untouched_and_not_in_checkpoint(full_run, inputs):
     from torch.distributed.checkpoint import FileSystemReader
 

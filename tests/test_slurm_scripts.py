@@ -219,6 +219,58 @@ def test_dry_run_is_one_process_at_the_jobs_world_size(script, tmp_path):
     assert launch(FAKE_EXIT="5").returncode == 5
 
 
+@pytest.fixture
+def logging_srun(tmp_path):
+    """A stand-in `srun` on PATH that records its arguments and what the tasks' environment would hold."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    executable(bin_dir / "srun", f"""#!/bin/bash
+printf '%s\\n' "$@" > {tmp_path}/srun.args
+echo "CCMEGA_DEVICE=$CCMEGA_DEVICE OMP_NUM_THREADS=$OMP_NUM_THREADS CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES-unset}}" \\
+    > {tmp_path}/srun.env
+""")
+
+    def launch(script, **extra):
+        base = {k: v for k, v in os.environ.items()
+                if not k.startswith(("SLURM_", "CCMEGA_", "CPUS_PER_TASK", "GPU_BIND")) and k != "OMP_NUM_THREADS"}
+        variables, _, _ = LAUNCHERS[script]
+        env = {**base, **fake_env(tmp_path, PATH=f"{bin_dir}:{os.environ['PATH']}", **variables, **extra)}
+        proc = subprocess.run(["bash", os.path.join(REPO, "slurm", script)], env=env, capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        args = (tmp_path / "srun.args").read_text().splitlines()
+        return args[:args.index(FAKE_PYTHON)], (tmp_path / "srun.env").read_text().split()
+
+    return launch
+
+
+GPU_ALLOCATION = {"SLURM_JOB_NUM_NODES": "2", "SLURM_NTASKS_PER_NODE": "4", "SLURM_CPUS_ON_NODE": "64"}
+
+
+@pytest.mark.parametrize("script", sorted(LAUNCHERS))
+def test_srun_gets_cpus_per_task_and_the_gpu_binding(script, logging_srun):
+    """A GPU job's tasks get their share of the node's cores (and as many OpenMP threads), see every GPU of
+    the node (ccmega picks cuda:SLURM_LOCALID) and are marked as a GPU job (no silent CPU fallback)."""
+    flags, env = logging_srun(script, **GPU_ALLOCATION)
+    assert flags == ["--nodes=2", "--ntasks-per-node=4", "--ntasks=8", "--cpus-per-task=16", "--gpu-bind=none",
+                     "--distribution=block:block", "--kill-on-bad-exit=1"]
+    assert env == ["CCMEGA_DEVICE=cuda", "OMP_NUM_THREADS=16", "CUDA_VISIBLE_DEVICES=unset"]
+
+    flags, env = logging_srun(script, **GPU_ALLOCATION, SLURM_CPUS_PER_TASK="12", OMP_NUM_THREADS="3")
+    assert "--cpus-per-task=12" in flags and "OMP_NUM_THREADS=3" in env
+    flags, env = logging_srun(script, **GPU_ALLOCATION, SLURM_CPUS_PER_TASK="12", CPUS_PER_TASK="5",
+                              GPU_BIND="single:1")
+    assert "--cpus-per-task=5" in flags and "--gpu-bind=single:1" in flags and "OMP_NUM_THREADS=5" in env
+
+
+@pytest.mark.parametrize("script", sorted(LAUNCHERS))
+def test_a_cpu_cluster_job_keeps_its_environment_and_binds_no_gpu(script, logging_srun):
+    flags, env = logging_srun(script, CCMEGA_CPU="1", SLURM_JOB_NUM_NODES="1", SLURM_NTASKS_PER_NODE="2",
+                              SLURM_CPUS_ON_NODE="2")
+    assert flags == ["--nodes=1", "--ntasks-per-node=2", "--ntasks=2", "--cpus-per-task=1", "--kill-on-bad-exit=1"]
+    assert env == ["CCMEGA_DEVICE=cpu", "OMP_NUM_THREADS=1", "CUDA_VISIBLE_DEVICES="]
+
+
 def submit(cluster, script, env, cwd, args):
     proc = subprocess.run(["sbatch", "--parsable", *args, script], env={**cluster.env, **env}, cwd=cwd,
                           capture_output=True, text=True, timeout=60)
@@ -264,6 +316,25 @@ def test_usr1_checkpoints_and_requeues_on_a_real_cluster(slurm_cluster, script, 
     assert [c["restart"] for c in calls] == [0, 1]
     assert calls[0]["argv"] == calls[1]["argv"] and calls[0]["argv"][0] == command
     assert calls[0]["cuda_visible_devices"] == "" and calls[0]["ntasks"] == "1"  # CCMEGA_CPU=1, srun's task
+
+
+@pytest.mark.cluster
+def test_a_gpu_job_on_a_node_without_gpus_fails_at_start_on_a_real_cluster(slurm_cluster, tmp_path):  # noqa: F811
+    """The GPU branch's srun flags are accepted, and the tasks (the real `ccmega pretrain`, as a GPU job:
+    CCMEGA_DEVICE=cuda) refuse to start on this GPU-less node with one line: no hang, no CPU run. The first
+    task to exit makes srun end the other (--kill-on-bad-exit), so the job's code is 2 or srun's 143."""
+    env = {"PYTHON": sys.executable, "FP8": "off", "PRESET": "qwen3-tiny", "DATA_ROOT": str(tmp_path / "data"),
+           "OUTPUT_ROOT": str(tmp_path / "runs"), "PYTHONWARNINGS": "ignore"}
+    rc, job = slurm_cluster.sbatch_wait(os.path.join(REPO, "slurm", "pretrain_d6_1b.sh"), env=env, cwd=tmp_path,
+                                        args=["--nodes=1", "--ntasks=2", "--ntasks-per-node=2", "--gpus-per-node=0",
+                                              "--time=5"], timeout=180)
+    output = slurm_cluster.job_output(job) if job else slurm_cluster.last_sbatch_stderr
+    assert rc in (2, 143), output
+    errors = re.findall(r"^ccmega pretrain: error: rank (\d) \(local rank \1\) on node localhost sees no CUDA GPU "
+                        r"in a GPU job \(CCMEGA_DEVICE=cuda\): CUDA_VISIBLE_DEVICES unset, ", output, re.M)
+    assert errors and set(errors) <= {"0", "1"}, output
+    assert "Traceback" not in output and f"srun exited with {rc}" in output
+    assert not (tmp_path / "runs" / "pretrain_d6_1b" / "status.json").exists()  # refused before the run began
 
 
 @pytest.mark.cluster

@@ -14,7 +14,7 @@ replicated across it. Pipeline parallelism is not supported.
 from __future__ import annotations
 
 import torch
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import parallel_state
 from megatron.core.transformer.module import MegatronModule
 
 
@@ -139,13 +139,12 @@ def teacher_forced_loss(decoder, prefix: torch.Tensor, context: torch.Tensor, en
     hidden = final_hidden(decoder, torch.cat([prefix, tokens], dim=0))[prefix.shape[0] - 1:]
     logits, _ = decoder.output_layer(hidden, weight=decoder.shared_embedding_or_output_weight()
                                      if decoder.share_embeddings_and_output_weights else None)
-    end = torch.full_like(context[:, :1], end_token_id)
-    targets = torch.cat([context, end], dim=1).t().contiguous()  # [L + 1, b], as the logits
+    targets = torch.cat([context, torch.full_like(context[:, :1], end_token_id)], dim=1)  # [b, L + 1]
     with torch.no_grad():
-        correct = vocab_parallel_argmax(logits, real_vocab_size) == targets
-    # megatron's cross entropy takes its fp32 copy of the logits itself and keeps it as the softmax
-    loss = tensor_parallel.vocab_parallel_cross_entropy(logits, targets)
-    return loss.t(), correct.t()
+        correct = vocab_parallel_argmax(logits, real_vocab_size) == targets.t()
+    # the decoder's own loss: megatron's cross entropy (fused where speed.cross_entropy_fusion says), which takes
+    # its fp32 copy of the logits itself and keeps it as the softmax
+    return decoder.compute_language_model_loss(targets, logits), correct.t()
 
 
 def vocab_parallel_argmax(logits: torch.Tensor, real_vocab_size: int) -> torch.Tensor:

@@ -6,7 +6,6 @@ local spec with core attention swapped for SDPA. That choice is the only platfor
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +15,10 @@ from ccmega.runtime.placement import device
 
 
 def transformer_engine_available() -> bool:
-    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+    """CUDA and a Transformer Engine that imports (a broken one is warned about once and not used)."""
+    from ccmega.runtime import transformer_engine
+
+    return transformer_engine.available()
 
 
 def transformer_config(

@@ -92,11 +92,11 @@ def cluster_dtype(precision) -> str:
 
 
 def run(command: str, cfg, build_task, dry: DryRun, memory) -> int:
-    """`memory(layout, gpu_memory_gib) -> (MemoryReport, text)` is the command's analytic estimate; the
+    """`memory(cfg, layout, gpu_memory_gib) -> (MemoryReport, text)` is the command's analytic estimate; the
     layout checks in it run first, so a layout megatron would refuse is reported instead of crashing."""
     from ccmega.runtime.fake_device import fake_world
     from ccmega.training.engine import train_step
-    from ccmega.training.loop import build_setup, fp8_unavailable_reason
+    from ccmega.training.loop import build_setup, fp8_unavailable_reason, resolve_speed
     from ccmega.training.memory import Layout
 
     t0 = time.perf_counter()
@@ -119,7 +119,11 @@ def run(command: str, cfg, build_task, dry: DryRun, memory) -> int:
     print(f"[ccmega] dry run of `ccmega {command}`: rank {args.rank} of {world_size} (TP {tp} x PP {pp} x DP "
           f"{world_size // max(tp * pp, 1)}), fake devices", flush=True)
     try:
-        report, text = memory(Layout(world_size, tp, pp), args.gpu_memory)
+        cfg = resolve_speed(cfg, world_size // max(tp * pp, 1), log=print, cuda=True)  # what the GPU job decides
+        if not (cfg.speed.rope_fusion and cfg.speed.gradient_accumulation_fusion):
+            dry.not_checked.append("speed.rope_fusion and speed.gradient_accumulation_fusion: decided at the job's "
+                                   "start by whether Transformer Engine and APEX import on its GPU nodes")
+        report, text = memory(cfg, Layout(world_size, tp, pp), args.gpu_memory)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         report, text = None, ""
         failures.append(f"{type(e).__name__}: {e}")

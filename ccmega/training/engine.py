@@ -34,15 +34,18 @@ def build_training_setup(
     clip_grad: float = 1.0,
     use_distributed_optimizer: bool = False,
     overlap_grad_reduce: bool = False,
+    overlap_param_gather: bool = False,
 ) -> TrainingSetup:
     """Wrap `modules` (this rank's model chunks) in megatron DDP and build AdamW over the parameters
-    that require grad; frozen parameters stay outside DDP buckets and the optimizer."""
+    that require grad; frozen parameters stay outside DDP buckets and the optimizer. With the overlap
+    switches, the schedule and the hooks are wired as Megatron-LM's training setup wires them."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=overlap_grad_reduce,
+        overlap_param_gather=overlap_param_gather,
         use_distributed_optimizer=use_distributed_optimizer,
     )
     model = [
@@ -65,12 +68,28 @@ def build_training_setup(
         fp16=config.fp16,
         params_dtype=config.params_dtype,
         use_distributed_optimizer=use_distributed_optimizer,
+        overlap_param_gather=overlap_param_gather,
     )
     optimizer = get_megatron_optimizer(opt_config, model)
     config.grad_scale_func = optimizer.scale_loss
     config.finalize_model_grads_func = finalize_model_grads
-    config.no_sync_func = model[0].no_sync if len(model) == 1 else [m.no_sync for m in model]
+    config.no_sync_func = _per_chunk([m.no_sync for m in model])
+    if overlap_grad_reduce:  # each stage starts its reduction when its last micro-batch's backward ends
+        config.grad_sync_func = _per_chunk([m.start_grad_sync for m in model])
     return TrainingSetup(model=model, optimizer=optimizer, config=config)
+
+
+def _per_chunk(functions: list):
+    return functions[0] if len(functions) == 1 else functions
+
+
+def gather_params(setup: TrainingSetup) -> None:
+    """With the parameter all-gather overlapped (speed.overlap_param_gather), each rank's model holds only its
+    own shard of the updated parameters until the next forward pass gathers the rest (a validation pass
+    does); a checkpoint must gather them first, as Megatron-LM does before it saves."""
+    for m in setup.model:
+        if m.ddp_config.overlap_param_gather:
+            m.start_param_sync(force_sync=True)
 
 
 # ---- language-model loss -----------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from ccmega.config import ConfigError, parse_config
 from ccmega.presets import FINETUNE_HPARAMS as T7
 from ccmega.training.icae_monitor import MonitorSection
 from ccmega.training.sections import (CheckpointSection, LoggingSection, OptimSection, PrecisionSection,
-                                      TrainSection)
+                                      SpeedSection, TrainSection)
 
 
 @dataclass
@@ -60,6 +60,7 @@ class ICAETrainConfig:
         max_lr=T7.max_lr, min_lr=T7.min_lr, warmup_steps=T7.warmup_steps, lr_decay_style=T7.lr_schedule,
         weight_decay=T7.weight_decay))
     precision: PrecisionSection = field(default_factory=PrecisionSection)
+    speed: SpeedSection = field(default_factory=SpeedSection)
     checkpoint: CheckpointSection = field(default_factory=lambda: CheckpointSection(save_interval=500))
     logging: LoggingSection = field(default_factory=lambda: LoggingSection(eval_interval=0))
     monitor: MonitorSection = field(default_factory=MonitorSection)
@@ -196,10 +197,12 @@ class ICAEForwardStep:
     (the schedule only returns losses) for the token accuracy of the step."""
 
     def __init__(self, monitor=None):
-        self.correct, self.total = 0, 0
+        self.correct, self.total = 0, 0  # correct: a device tensor once counted (no host sync per micro-batch)
         self.monitor = monitor  # a CollapseMonitor: sees each micro-batch's contexts
 
     def __call__(self, data_iterator, model):
+        import torch
+
         from ccmega.training.engine import masked_lm_loss
 
         context = next(data_iterator)["tokens"]
@@ -208,7 +211,7 @@ class ICAEForwardStep:
         per_token, correct = model(context)
 
         def loss_func(output):
-            self.correct += int(correct.sum())
+            self.correct = self.correct + correct.sum(dtype=torch.float64)
             self.total += correct.numel()
             return masked_lm_loss(torch_ones_like(output), output)
 
@@ -221,7 +224,8 @@ class ICAEForwardStep:
 
         from ccmega.runtime import device
 
-        counts = torch.tensor([self.correct, self.total], dtype=torch.float64, device=device())
+        counts = torch.stack([torch.as_tensor(self.correct, dtype=torch.float64, device=device()),
+                              torch.tensor(float(self.total), dtype=torch.float64, device=device())])
         torch.distributed.all_reduce(counts, group=ps.get_data_parallel_group())
         self.correct, self.total = 0, 0
         if self.monitor is not None:
@@ -233,6 +237,13 @@ def torch_ones_like(t):
     import torch
 
     return torch.ones_like(t, dtype=torch.float32)
+
+
+def decoder_check_flops_per_sample(decoder_preset, L: int) -> float:
+    """Model FLOPs of the collapse monitor's frozen-decoder forward over one sample's L context tokens."""
+    from ccmega.training.logging_utils import flops_per_token
+
+    return flops_per_token(decoder_preset, L) / 3 * L  # forward only: a third of forward + backward
 
 
 def icae_flops_per_sample(encoder_preset, decoder_preset, k: int, L: int) -> float:
@@ -271,8 +282,8 @@ def build_task(env, cfg: ICAETrainConfig, the_plan: Plan, dry=None):
         raise ConfigError(f"end token {end_token} is outside the vocabulary of {enc_preset.name} "
                           f"({enc_preset.vocab_size}) or {dec_preset.name} ({dec_preset.vocab_size})")
     tp = cfg.model.tensor_parallel
-    enc_config, dtype = model_config(cfg.precision, enc_preset, tp, 1)
-    dec_config, _ = model_config(cfg.precision, dec_preset, tp, 1)
+    enc_config, dtype = model_config(cfg.precision, enc_preset, tp, 1, cfg.speed)
+    dec_config, _ = model_config(cfg.precision, dec_preset, tp, 1, cfg.speed)
     model = build_icae(enc_preset, dec_preset, enc_config, dec_config, k, end_token, cfg.train.seed)
     decoder_files_sha256 = decoder_sha = None  # a dry run reads no weights
     if dry is None:
@@ -337,7 +348,8 @@ def build_task(env, cfg: ICAETrainConfig, the_plan: Plan, dry=None):
     earlier = earlier_probe(run_dir) if dry is None and cfg.monitor.probe else None
     if earlier:  # a resume: the probe ran at the fresh start
         status["decoder_probe"] = earlier
-    monitor = CollapseMonitor(model.decoder, cfg.monitor, steps, status, print_rank0)
+    monitor = CollapseMonitor(model.decoder, cfg.monitor, steps, status, print_rank0,
+                              flops_per_check=decoder_check_flops_per_sample(dec_preset, L) * gbs)
     forward_step = ICAEForwardStep(monitor)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     banner = (f"[ccmega] icae-train encoder {enc_preset.name} ({the_plan.encoder['path']}) -> frozen decoder "
@@ -350,7 +362,7 @@ def build_task(env, cfg: ICAETrainConfig, the_plan: Plan, dry=None):
                 flops_per_sample=icae_flops_per_sample(enc_preset, dec_preset, k, L), metadata=metadata,
                 identity=identity, banner=banner, valid_data=valid_data, eval_batches=eval_batches,
                 validate_at_start=True, load_initial_weights=load_initial_weights,
-                step_metrics=forward_step.metrics, log_metrics=monitor.on_log, status=status,
+                step_metrics=forward_step.metrics, after_step=monitor.after_step, status=status,
                 epoch_of=train_data.epoch_of,
                 check_before_save=check_decoder_untouched)
 
@@ -377,10 +389,11 @@ def main(argv: list[str] | None = None) -> int:
 
         presets = [ModelPreset(**meta["model_preset"]) for meta in (the_plan.encoder, the_plan.decoder)]
         return dry_run.run("icae-train", cfg, lambda env, cfg, dry: build_task(env, cfg, the_plan, dry), dry,
-                           lambda layout, gib: icae_memory_report(
+                           lambda cfg, layout, gib: icae_memory_report(
                                *presets, layout, cfg.train.micro_batch_size, the_plan.context_tokens,
                                cfg.model.num_memory_slots, cfg.train.distributed_optimizer,
-                               dry_run.cluster_dtype(cfg.precision), gib, cfg.train.global_batch_size))
+                               cfg.precision.dtype, gib, cfg.train.global_batch_size,
+                               fused_cross_entropy=cfg.speed.cross_entropy_fusion))
     return run("icae-train", cfg, lambda env, cfg: build_task(env, cfg, the_plan))
 
 

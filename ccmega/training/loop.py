@@ -53,7 +53,9 @@ class Task:
     validate_at_start: bool = False
     load_initial_weights: Callable[[], None] | None = None  # a fresh start only (not a resume)
     step_metrics: Callable[[], dict] = field(default=dict)  # extra values after a train step or validation
-    log_metrics: Callable[[int, float], dict] | None = None  # (iteration, loss) -> more values, logged steps only
+    # (iteration, loss) -> (values, FLOPs): work after a step (the ICAE's collapse check), every step; values
+    # put the step in the log, FLOPs (the whole job's) count in its TFLOP/s and MFU
+    after_step: Callable[[int, float], tuple[dict, float]] | None = None
     status: dict = field(default_factory=dict)  # what the task adds to status.json (it may add more as it trains)
     epoch_of: Callable[[int], int] | None = None  # consumed samples -> epoch, when the data has epochs
     check_before_save: Callable[[], None] | None = None
@@ -104,41 +106,45 @@ class SkipCounter:
 
 
 def fp8_unavailable_reason(precision) -> str | None:
-    from ccmega.models.qwen3 import transformer_engine_available
+    from ccmega.runtime import transformer_engine
 
     if not precision.fp8:
         return None
     if precision.fp8 not in ("hybrid", "e4m3"):
         return f"precision.fp8 must be 'hybrid' or 'e4m3', not {precision.fp8!r}"
-    if not transformer_engine_available():
-        import importlib.util
-
-        import torch
-
-        return (f"--fp8 {precision.fp8} needs NVIDIA Transformer Engine on a CUDA GPU "
-                f"(CUDA available: {torch.cuda.is_available()}, transformer_engine installed: "
-                f"{importlib.util.find_spec('transformer_engine') is not None}); drop --fp8 "
-                "or run on a GPU node with Transformer Engine")
-    return None
+    return transformer_engine.fp8_problem(precision.fp8, precision.fp8_recipe)
 
 
-def model_config(precision, preset, tensor_parallel: int, pipeline_parallel: int):
-    """The TransformerConfig of a preset for this run: dtype by platform, FP8 through TE when asked."""
+def resolved_dtype(precision) -> str:
+    """bf16 or fp32: "auto" is bf16 on a GPU, fp32 on a CPU."""
     import torch
-
-    from ccmega.models.qwen3 import transformer_config
 
     dtype = precision.dtype
     if dtype == "auto":
         dtype = "bf16" if torch.cuda.is_available() else "fp32"
     if dtype not in ("bf16", "fp32"):
         raise ConfigError(f"precision.dtype must be auto, bf16 or fp32, not {dtype!r}")
+    return dtype
+
+
+def model_config(precision, preset, tensor_parallel: int, pipeline_parallel: int, speed=None):
+    """The TransformerConfig of a preset for this run: dtype by platform, FP8 through TE when asked, and the
+    kernel fusions of a resolved `speed` section (ccmega/training/speed.py; None: all off)."""
+    import torch
+
+    from ccmega.models.qwen3 import transformer_config
+
+    dtype = resolved_dtype(precision)
     overrides = {}
     if precision.fp8:
         overrides = dict(fp8=precision.fp8, fp8_recipe=precision.fp8_recipe)
         if precision.fp8_bf16_layers:
             overrides.update(first_last_layers_bf16=True, num_layers_at_start_in_bf16=precision.fp8_bf16_layers,
                              num_layers_at_end_in_bf16=precision.fp8_bf16_layers)
+    if speed is not None:
+        overrides.update(cross_entropy_loss_fusion=bool(speed.cross_entropy_fusion),
+                         cross_entropy_fusion_impl="native", apply_rope_fusion=bool(speed.rope_fusion),
+                         gradient_accumulation_fusion=bool(speed.gradient_accumulation_fusion))
     params_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     return transformer_config(preset, tensor_parallel, pipeline_parallel, params_dtype=params_dtype,
                               **overrides), dtype
@@ -232,6 +238,8 @@ def run(command: str, cfg, build_task: Callable) -> int:
         stop = StopRequest()  # before the slow start-up: a signal during it still counts
         run_dir = os.path.abspath(cfg.run_dir)
         try:
+            cfg = resolve_speed(cfg, env.world_size // (cfg.model.tensor_parallel * cfg.model.pipeline_parallel),
+                                log=print_rank0_here(env))
             task = build_task(env, cfg)
             trainer = Trainer(env, cfg, task, stop, run_dir)
         except (ConfigError, FileNotFoundError) as e:  # refused before anything ran: status.json unchanged
@@ -244,6 +252,22 @@ def run(command: str, cfg, build_task: Callable) -> int:
         return trainer.train()
 
 
+def print_rank0_here(env):
+    return lambda text: print(text, flush=True) if env.rank == 0 else None
+
+
+def resolve_speed(cfg, data_parallel: int, log, cuda: bool | None = None):
+    """`cfg` with Megatron-LM's speed switches decided for this platform (ccmega/training/speed.py), each
+    logged with its reason. `cuda` overrides what torch sees (a dry run checks a GPU job)."""
+    from ccmega.training import speed
+
+    dtype = resolved_dtype(cfg.precision) if cuda is None else cfg.precision.dtype
+    cfg, switches = speed.resolve(cfg, speed.platform_here(dtype, data_parallel, cuda))
+    for line in speed.describe(switches):
+        log(f"[ccmega] switch {line}")
+    return cfg
+
+
 def build_setup(task: Task, cfg):
     """megatron DDP + optimizer over the task's modules, and the LR schedule."""
     from ccmega.training.engine import build_training_setup
@@ -252,7 +276,8 @@ def build_setup(task: Task, cfg):
     setup = build_training_setup(
         task.modules, task.config, lr=o.max_lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
         adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad,
-        use_distributed_optimizer=cfg.train.distributed_optimizer)
+        use_distributed_optimizer=cfg.train.distributed_optimizer, overlap_grad_reduce=cfg.speed.overlap_grad_reduce,
+        overlap_param_gather=cfg.speed.overlap_param_gather)
     return setup, build_scheduler(setup.optimizer, o, task.steps)
 
 
@@ -331,12 +356,13 @@ class Trainer:
         self.skips.update(result.update_successful)
         self.iteration += 1
         self.consumed += t.global_batch_size
-        step_time = time.perf_counter() - t0
+        after, after_flops = t.after_step(self.iteration, result.loss) if t.after_step else ({}, 0.0)
+        extra.update(after)
+        step_time = time.perf_counter() - t0  # with the work after the step: the time the step really took
         tokens_per_s = t.tokens_per_sample * t.global_batch_size / step_time
-        tflops = t.flops_per_sample * t.global_batch_size / step_time / self.env.world_size / 1e12
-        if self.iteration % self.cfg.logging.log_interval == 0 or not result.update_successful:
-            if t.log_metrics:
-                extra.update(t.log_metrics(self.iteration, result.loss))
+        flops = t.flops_per_sample * t.global_batch_size + after_flops
+        tflops = flops / step_time / self.env.world_size / 1e12
+        if self.iteration % self.cfg.logging.log_interval == 0 or not result.update_successful or after:
             values = {"loss": result.loss, **extra, "lr": lr, "grad_norm": result.grad_norm,
                       **({"epoch": epoch} if epoch is not None else {}), "consumed_samples": self.consumed,
                       "step_time_s": step_time, "tokens_per_s": tokens_per_s, "tflops_per_gpu": tflops,
@@ -358,6 +384,9 @@ class Trainer:
         return True
 
     def save(self) -> None:
+        from ccmega.training.engine import gather_params
+
+        gather_params(self.setup)  # the checkpoint holds this step's parameters, not the last gathered ones
         if self.task.check_before_save:
             self.task.check_before_save()
         progress = {"iteration": self.iteration, "consumed_samples": self.consumed, "skipped_steps": self.skips.total}

@@ -244,15 +244,17 @@ def icae_trainable_extra(encoder: ModelPreset, decoder: ModelPreset, memory_slot
 
 
 def icae_step_bytes(encoder: ModelPreset, decoder: ModelPreset, layout: Layout, micro_batch: int,
-                    context_tokens: int, memory_slots: int, dtype: str = "bf16", kernels: str = "te") -> int:
+                    context_tokens: int, memory_slots: int, dtype: str = "bf16", kernels: str = "te",
+                    fused_cross_entropy: bool = False) -> int:
     """What one ICAE micro-batch adds at the step's peak: activations kept for backward plus the transients."""
     activations, transients = icae_activation_bytes(encoder, decoder, layout.tensor_parallel, micro_batch,
-                                                    context_tokens, memory_slots, dtype, kernels)
+                                                    context_tokens, memory_slots, dtype, kernels,
+                                                    fused_cross_entropy)
     return activations + transients
 
 
 def icae_activation_bytes(encoder: ModelPreset, decoder: ModelPreset, tp: int, micro_batch: int, L: int, k: int,
-                          dtype: str, kernels: str) -> tuple[int, int]:
+                          dtype: str, kernels: str, fused_cross_entropy: bool = False) -> tuple[int, int]:
     """(kept, transient) bytes of one ICAE micro-batch. Kept: the trainable encoder over L + k positions, its
     final norm and the projector's input; the frozen decoder over k + 1 + L positions (it keeps what the
     gradient to the memory needs: no linear-layer inputs with the local spec), its final norm, and the fp32
@@ -260,7 +262,9 @@ def icae_activation_bytes(encoder: ModelPreset, decoder: ModelPreset, tp: int, m
     the start of the backward pass, where bf16 logits sit beside that fp32 copy (then their gradient does;
     fp32 logits are the copy), or at its end, when the encoder's embedding gradient [V / TP, h] is accumulated
     into megatron's fp32 grad buffer (autograd's gradient, its copy, and on a CPU an fp32 temporary of a
-    bf16 one: 2 e + 4 bytes per element, measured). Whichever is larger counts."""
+    bf16 one: 2 e + 4 bytes per element, measured). Whichever is larger counts. megatron's fused cross
+    entropy (speed.cross_entropy_fusion) holds one more fp32 copy of the logits at the peak (measured on a CPU,
+    where torch.compile builds the kernel: benchmarks/icae_memory.py --cross-entropy-fusion)."""
     e, b = ELEMENT_BYTES[dtype], micro_batch
     enc_s, dec_s = L + k, k + 1 + L
     vocab = padded_vocab_size(decoder.vocab_size, tp) // tp
@@ -274,6 +278,8 @@ def icae_activation_bytes(encoder: ModelPreset, decoder: ModelPreset, tp: int, m
                     + b * dec_s * dec_norm + 4 * b * (L + 1) * vocab + 8 * b * L)
     kept = encoder_kept + decoder_kept
     logits = e * b * (L + 1) * vocab if e != 4 else 0  # fp32 logits: the cross entropy works on them in place
+    if fused_cross_entropy:
+        logits += 4 * b * (L + 1) * vocab
     embedding_gradient = (2 * e + (4 if e != 4 else 0)) * (padded_vocab_size(encoder.vocab_size, tp) // tp) \
         * encoder.hidden_size
     return kept, max(logits, embedding_gradient - kept)
@@ -282,7 +288,8 @@ def icae_activation_bytes(encoder: ModelPreset, decoder: ModelPreset, tp: int, m
 def icae_memory_report(encoder: ModelPreset, decoder: ModelPreset, layout: Layout, micro_batch: int,
                        context_tokens: int, memory_slots: int, distributed_optimizer: bool = False,
                        dtype: str = "bf16", gpu_memory_gib: float = DEFAULT_GPU_MEMORY_GIB,
-                       global_batch: int | None = None, kernels: str = "local") -> tuple[MemoryReport, str]:
+                       global_batch: int | None = None, kernels: str = "local",
+                       fused_cross_entropy: bool = False) -> tuple[MemoryReport, str]:
     """One ICAE training rank: the trainable encoder + ICAE parameters (weights, gradients, optimizer), the
     frozen decoder (weights only), and one micro-batch's activations and transients (icae_activation_bytes).
     `kernels` "local" (megatron's local spec, validated against measured peaks: benchmarks/icae_memory.py) is
@@ -305,7 +312,8 @@ def icae_memory_report(encoder: ModelPreset, decoder: ModelPreset, layout: Layou
         trainable = stage_counts(encoder, t, 1)[0].params_per_tp_rank + icae_trainable_extra(encoder, decoder, k)
         frozen = stage_counts(decoder, t, 1)[0].params_per_tp_rank
         weights, grads, optimizer = state_bytes(trainable, dtype, dp, distributed_optimizer)
-        kept, transients = icae_activation_bytes(encoder, decoder, t, micro_batch, L, k, dtype, kernels)
+        kept, transients = icae_activation_bytes(encoder, decoder, t, micro_batch, L, k, dtype, kernels,
+                                                 fused_cross_entropy)
         stages = (StageMemory(0, trainable + frozen, weights + frozen * ELEMENT_BYTES[dtype], grads, optimizer,
                               kept, 1, transients),)
     name = f"ICAE {encoder.name} -> frozen {decoder.name} (k={k}, L={L})"
@@ -324,10 +332,10 @@ def icae_memory_report(encoder: ModelPreset, decoder: ModelPreset, layout: Layou
     if stages and not report.ok and micro_batch > 1 and len(report.problems) == 1:  # over budget only
         fits = [mb for mb in range(micro_batch - 1, 0, -1) if micro_batch % mb == 0 and icae_memory_report(
             encoder, decoder, layout, mb, L, k, distributed_optimizer, dtype, gpu_memory_gib, global_batch,
-            kernels)[0].ok]
+            kernels, fused_cross_entropy)[0].ok]
         if fits:
             smaller, _ = icae_memory_report(encoder, decoder, layout, fits[0], L, k, distributed_optimizer, dtype,
-                                            gpu_memory_gib, global_batch, kernels)
+                                            gpu_memory_gib, global_batch, kernels, fused_cross_entropy)
             report = dataclasses.replace(report, problems=report.problems[:-1] + (
                 report.problems[-1] + f"; the same global batch fits as micro-batch {fits[0]} x "
                 f"{smaller.num_microbatches} accumulation: {smaller.peak.total / GIB:.1f} GiB (--micro-batch-size "

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from ccmega.config import ConfigError, parse_config
 from ccmega.presets import PRETRAIN_HPARAMS as T6
 from ccmega.training.sections import (CheckpointSection, LoggingSection, OptimSection, PrecisionSection,
-                                      TrainSection)
+                                      SpeedSection, TrainSection)
 
 DEFAULT_PRESET = "qwen3-200m"
 
@@ -54,6 +54,7 @@ class PretrainConfig:
     train: TrainSection = field(default_factory=TrainSection)
     optim: OptimSection = field(default_factory=OptimSection)
     precision: PrecisionSection = field(default_factory=PrecisionSection)
+    speed: SpeedSection = field(default_factory=SpeedSection)
     checkpoint: PretrainCheckpointSection = field(default_factory=PretrainCheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
 
@@ -124,7 +125,8 @@ def build_task(env, cfg: PretrainConfig, dry=None):
     if tokenizer and tokenizer.vocab_size > preset.vocab_size:
         raise ConfigError(f"tokenizer has {tokenizer.vocab_size} ids but {preset.name} only "
                           f"{preset.vocab_size} embedding rows")
-    config, dtype = model_config(cfg.precision, preset, cfg.model.tensor_parallel, cfg.model.pipeline_parallel)
+    config, dtype = model_config(cfg.precision, preset, cfg.model.tensor_parallel, cfg.model.pipeline_parallel,
+                                 cfg.speed)
     model = build_model(preset, config)
 
     gbs, mbs, seq = cfg.train.global_batch_size, cfg.train.micro_batch_size, cfg.data.seq_length
@@ -220,9 +222,9 @@ def main(argv: list[str] | None = None) -> int:
                              description=__doc__, prog="ccmega pretrain", extra_arguments=dry_run.add_arguments)
     if args.dry_run:
         dry = dry_run.DryRun(args)
-        return dry_run.run("pretrain", cfg, build_task, dry, lambda layout, gib: memory_report(
+        return dry_run.run("pretrain", cfg, build_task, dry, lambda cfg, layout, gib: memory_report(
             resolve_preset(cfg, dry), layout, cfg.train.micro_batch_size, cfg.data.seq_length,
-            cfg.train.distributed_optimizer, dry_run.cluster_dtype(cfg.precision), gib, cfg.train.global_batch_size))
+            cfg.train.distributed_optimizer, cfg.precision.dtype, gib, cfg.train.global_batch_size))
     return run("pretrain", cfg, build_task)
 
 

@@ -18,8 +18,20 @@ class TrainSection:
     global_batch_size: int | None = T6.global_batch_size  # None: micro-batch x DP (no accumulation)
     micro_batch_size: int = T6.micro_batch_size
     seed: int = 1234
-    distributed_optimizer: bool = False
+    distributed_optimizer: bool | None = None  # None: on for a GPU job with DP > 1 (ccmega/training/speed.py)
     max_skipped_in_a_row: int = 10  # non-finite losses in a row before the run stops
+
+
+@dataclass
+class SpeedSection:
+    """Megatron-LM's speed switches. None: decided per run by `ccmega.training.speed.resolve` (on for a GPU
+    job where megatron-core can run it, off on a CPU), printed at start with the reason."""
+
+    overlap_grad_reduce: bool | None = None  # DP gradient reduce-scatter/all-reduce overlapped with backward
+    overlap_param_gather: bool | None = None  # distributed optimizer's parameter all-gather overlapped with forward
+    cross_entropy_fusion: bool | None = None  # megatron's fused vocab-parallel cross entropy (bf16 gradients)
+    rope_fusion: bool | None = None  # Transformer Engine's fused RoPE kernel
+    gradient_accumulation_fusion: bool | None = None  # weight gradients accumulated into fp32 main_grad (APEX)
 
 
 @dataclass
