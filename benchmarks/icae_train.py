@@ -69,19 +69,6 @@ def choose_dtype(requested: str) -> tuple[str, str]:
     return "fp32", "auto: the CPU has no native bf16 (no avx512_bf16 / amx_bf16 / bf16 flag in /proc/cpuinfo)"
 
 
-@contextlib.contextmanager
-def without_cpu_compat_mode():
-    """ccmega's CPU CUDA-redirect TorchFunctionMode popped while the reference runs (a no-op on a GPU)."""
-    from ccmega.runtime import cpu_compat
-
-    stack = torch.overrides._get_current_function_mode_stack()
-    if cpu_compat._redirect is None or not stack or stack[-1] is not cpu_compat._redirect:
-        yield
-        return
-    with torch.overrides._pop_mode_temporarily():
-        yield
-
-
 def timed(steps: list, n: int, warmup: int) -> list:
     """Median seconds per step of each (name, fn), the fns alternating step by step (ABBA)."""
     times = {name: [] for name, _ in steps}
@@ -114,6 +101,8 @@ def main(argv=None):
     dtype_name, why = choose_dtype(args.dtype)
     print(f"dtype {dtype_name} ({why})")
     runtime.initialize(1, 1)
+    from ccmega.runtime import cpu_compat
+
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
     cfg = set_dotted(ICAETrainConfig(), "precision.dtype", dtype_name)
@@ -154,7 +143,7 @@ def main(argv=None):
     autocast = (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)) if amp else contextlib.nullcontext
 
     def theirs_step():
-        with without_cpu_compat_mode():
+        with cpu_compat.redirect_suspended():
             opt.zero_grad(set_to_none=True)
             with autocast():
                 loss, _ = theirs(data)

@@ -238,23 +238,6 @@ def reference_model(preset, seed: int):
     return model
 
 
-@contextlib.contextmanager
-def without_cpu_compat_mode():
-    """The reference runs as in a process of its own: ccmega's CPU CUDA-redirect TorchFunctionMode (pushed
-    for the life of the process by ccmega.runtime.cpu_compat) is popped while it runs."""
-    from ccmega.runtime import cpu_compat
-
-    mode = cpu_compat._redirect
-    stack = __import__("torch").overrides._get_current_function_mode_stack()
-    if mode is None or not stack or stack[-1] is not mode:
-        yield
-        return
-    from torch.overrides import _pop_mode_temporarily
-
-    with _pop_mode_temporarily():
-        yield
-
-
 def reference_step(hf, device: str, dtype: str, mode: str):
     """One optimizer step of the transformers reference over a list of micro-batches (see the docstring)."""
     import torch
@@ -270,9 +253,10 @@ def reference_step(hf, device: str, dtype: str, mode: str):
                             lr=1e-4, betas=(0.9, 0.95), eps=1e-8,
                             fused=True)
     autocast = (lambda: torch.autocast(device_type=device, dtype=torch.bfloat16)) if amp else contextlib.nullcontext
+    from ccmega.runtime import cpu_compat
 
     def step(micro_batches) -> float:
-        with without_cpu_compat_mode():
+        with cpu_compat.redirect_suspended():
             opt.zero_grad(set_to_none=True)
             total = torch.zeros((), device=device)
             for mb in micro_batches:

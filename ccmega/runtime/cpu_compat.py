@@ -124,3 +124,17 @@ def redirect_cuda_to(target: str | torch.device):
         yield
     finally:
         _redirect.target = previous
+
+
+@contextlib.contextmanager
+def redirect_suspended():
+    """Torch calls inside the block bypass the CUDA redirect (a same-run reference of the benchmarks runs as
+    in a process of its own). A no-op where the redirect is not the innermost mode, or was never pushed."""
+    from torch.overrides import _get_current_function_mode_stack, _pop_mode_temporarily
+
+    stack = _get_current_function_mode_stack()
+    if _redirect is None or not stack or stack[-1] is not _redirect:
+        yield
+        return
+    with _pop_mode_temporarily():
+        yield

@@ -238,8 +238,10 @@ def run(command: str, cfg, build_task: Callable) -> int:
         stop = StopRequest()  # before the slow start-up: a signal during it still counts
         run_dir = os.path.abspath(cfg.run_dir)
         try:
+            from ccmega.training.logging_utils import print_rank0
+
             cfg = resolve_speed(cfg, env.world_size // (cfg.model.tensor_parallel * cfg.model.pipeline_parallel),
-                                log=print_rank0_here(env))
+                                log=print_rank0)
             task = build_task(env, cfg)
             trainer = Trainer(env, cfg, task, stop, run_dir)
         except (ConfigError, FileNotFoundError) as e:  # refused before anything ran: status.json unchanged
@@ -250,10 +252,6 @@ def run(command: str, cfg, build_task: Callable) -> int:
                 record_failure(run_dir, e)
             raise
         return trainer.train()
-
-
-def print_rank0_here(env):
-    return lambda text: print(text, flush=True) if env.rank == 0 else None
 
 
 def resolve_speed(cfg, data_parallel: int, log, cuda: bool | None = None):
